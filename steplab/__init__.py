@@ -1,0 +1,3 @@
+"""steplab: predict before you train."""
+
+__version__ = "0.1.0"

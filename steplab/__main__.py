@@ -1,0 +1,3 @@
+from steplab.cli import main
+
+raise SystemExit(main())
