@@ -1,0 +1,113 @@
+"""Building blocks shared by Step-1 (dense) and Step-2 (MoE): RMSNorm, RoPE, attention, SwiGLU, KV cache.
+
+Conventions follow Llama exactly (rotate-half RoPE, RMSNorm with weight, no biases) so our weights load
+into Hugging Face's LlamaForCausalLM with identical logits; the only difference is that we keep q/k/v and
+gate/up as single fused matrices because one big matmul is faster than three small ones, and the
+state-dict adapter splits them on export.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from steplab.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Llama, then return in the input dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (max_len, head_dim), the frequencies repeated twice (the rotate-half layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin broadcastable to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Per-layer key/value buffers with one row ("slot") per sequence, each at its own length.
+
+    Rows are independent, which is what continuous batching needs: a sequence can join a free slot and
+    decode beside others that are further along. ``lengths[slot]`` counts the positions already filled.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, n_slots, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[slots] = 0
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through scaled_dot_product_attention (n_kv_head == n_head is plain MHA)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, slots=None, positions=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if cache is None:
+            y = self._sdpa(q, k, v, mask=None)
+        else:
+            # Write this step's keys/values at each row's own positions, then attend over the filled prefix.
+            rows = slots[:, None]
+            cache.k[layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            S = int(positions.max()) + 1
+            keys, values = cache.k[layer][slots, :, :S].to(q.dtype), cache.v[layer][slots, :, :S].to(q.dtype)
+            mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            y = self._sdpa(q, keys, values, mask=mask[:, None])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa(self, q, k, v, mask):
+        if self.n_kv_head != self.n_head:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one matrix ``w13``."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.d_ff = d_ff
+        self.w13 = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        return self.w2(F.silu(gate) * up)

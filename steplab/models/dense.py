@@ -1,0 +1,120 @@
+"""Step-1: the dense decoder. Reads top to bottom: config -> block -> model -> accounting.
+
+Layout (identical to Llama): token embedding -> n_layer x [RMSNorm -> GQA attention with RoPE -> residual,
+RMSNorm -> SwiGLU -> residual] -> RMSNorm -> lm_head (optionally tied to the embedding).
+
+Initialisation: every weight matrix and the embedding ~ N(0, init_std=0.02); the two projections that
+write into the residual stream (attention ``wo`` and FFN ``w2``) are scaled by 1/sqrt(2 * n_layer), as in
+GPT-2, so the residual stream's variance does not grow with depth; RMSNorm weights start at 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from steplab.config import ModelConfig
+from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Step1(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # RMSNorm weights
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or the mean cross-entropy when ``targets`` is given.
+
+        With a ``cache``, row b of ``idx`` continues the sequence in cache slot ``slots[b]`` (default: row b)
+        from position ``cache.lengths[slot]``; the cache lengths advance by T.
+        """
+        B, T = idx.shape
+        x = self.tok_emb(idx)
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+            cos, sin, positions = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            slots = torch.arange(B, device=idx.device) if slots is None else slots
+            positions = cache.lengths[slots][:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            if int(positions.max()) >= min(cache.max_len, self.cfg.max_seq_len):
+                raise ValueError(f"position {int(positions.max())} exceeds the cache/context length {min(cache.max_len, self.cfg.max_seq_len)}")
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, slots, positions)
+        if cache is not None:
+            cache.lengths[slots] += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+# ---- accounting -----------------------------------------------------------------------------------------
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """N (Step Law's non-embedding count), embedding parameters and the real total.
+
+    Step Law writes N = n_layer * (4 d^2 + 3 d d_ff) for full multi-head attention. With grouped-query
+    attention the k and v projections shrink to d * n_kv_head * head_dim each, and we count what is really
+    there: attention = 2 d^2 + 2 d (n_kv_head * head_dim). This equals 4 d^2 when n_kv_head == n_head.
+    RMSNorm weights (2 d per layer + d) are excluded from N, as Step Law does, but included in ``total``.
+    """
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = 2 * d * (cfg.n_head * hd) + 2 * d * (cfg.n_kv_head * hd)
+    ffn = 3 * d * cfg.d_ff
+    N = cfg.n_layer * (attn + ffn)
+    embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    norms = (2 * cfg.n_layer + 1) * d
+    return {"N": N, "N_active": N, "embedding": embedding, "total": N + embedding + norms}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token, two ways.
+
+    ``6N`` is the scaling-law convention (C = 6 N D). ``model`` is what the hardware really does and is the
+    numerator of MFU: 6 x (N + the lm_head matmul) plus attention scores and values, 12 * n_layer * d * T
+    (PaLM's appendix B, counting the full T x T product as it is computed).
+    """
+    N = count_params(cfg)["N"]
+    model = 6 * (N + cfg.d_model * cfg.vocab_size) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    return {"6N": 6.0 * N, "model": float(model)}
