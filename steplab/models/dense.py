@@ -78,7 +78,6 @@ class Step1(nn.Module):
             if int(positions.max()) >= min(cache.max_len, self.cfg.max_seq_len):
                 raise ValueError(f"position {int(positions.max())} exceeds the cache/context length {min(cache.max_len, self.cfg.max_seq_len)}")
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, slots, positions)
         if cache is not None:

@@ -1,0 +1,170 @@
+"""Byte-level BPE tokenizer: a thin wrapper over Hugging Face ``tokenizers``.
+
+Why byte-level BPE with all 256 bytes in the base alphabet: every UTF-8 string encodes
+without an unknown token and ``decode(encode(s)) == s`` exactly (leading spaces, tabs,
+``\\r\\n``, emoji, CJK). No normalizer and ``add_prefix_space=False`` keep it that way.
+
+Why the Rust library: training on megabytes and batch-encoding run in parallel native
+code, and the saved ``tokenizer.json`` plus ``tokenizer_config.json`` load unchanged in
+``transformers.AutoTokenizer``, so exported models need no tokenizer conversion.
+
+Special tokens take ids 0..6 in the order of :data:`SPECIAL_TOKENS`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from steplab.errors import ConfigError, DataError
+from steplab.utils import atomic_write, atomic_write_json
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
+
+# Chat layout: <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
+# Jinja, as transformers' apply_chat_template expects; unknown roles are an error.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Encode/decode text to token ids; build with :func:`train_tokenizer` or :meth:`load`."""
+
+    def __init__(self, hf_tokenizer, chat_template: str = CHAT_TEMPLATE) -> None:
+        self._tok = hf_tokenizer
+        self.chat_template = chat_template
+        self.special_ids: dict[str, int] = {}
+        for expected_id, token in enumerate(SPECIAL_TOKENS):
+            got = hf_tokenizer.token_to_id(token)
+            if got != expected_id:
+                raise DataError(f"tokenizer has {token!r} at id {got}, expected {expected_id}; "
+                                "re-train it with `steplab tokenizer train`")
+            self.special_ids[token] = got
+        # encode_batch_fast (tokenizers>=0.21) skips offset bookkeeping we never use.
+        self._batch = getattr(hf_tokenizer, "encode_batch_fast", hf_tokenizer.encode_batch)
+
+    # -- ids
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["<|eos|>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["<|pad|>"]
+
+    # -- text <-> ids
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in ``text`` map to their ids."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once on all cores (no bos/eos added)."""
+        return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The chat template applied without Jinja (same output as transformers' apply_chat_template)."""
+        parts = ["<|bos|>"]
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"unknown chat role {m['role']!r}; use system, user or assistant")
+            parts.append(f"<|{m['role']}|>{m['content']}<|end|>")
+        if add_generation_prompt:
+            parts.append("<|assistant|>")
+        return "".join(parts)
+
+    # -- files
+    def save(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json (transformers-loadable)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "tokenizer.json", lambda tmp: self._tok.save(tmp))
+        extra = SPECIAL_TOKENS[3:]
+        added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": None,
+            "additional_special_tokens": extra,
+            "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
+            "added_tokens_decoder": added,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_json(out / "tokenizer_config.json", config)
+        atomic_write_json(out / "special_tokens_map.json", {
+            "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
+            "additional_special_tokens": extra})
+
+    @classmethod
+    def load(cls, tok_dir: str | Path) -> "Tokenizer":
+        """Load a tokenizer saved by :meth:`save` (DataError if missing or corrupt)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(tok_dir)
+        path = d / "tokenizer.json" if d.is_dir() or not d.suffix == ".json" else d
+        if not path.is_file():
+            raise DataError(f"no tokenizer at {path}; train one with `steplab tokenizer train` "
+                            "or point at a folder holding tokenizer.json")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise DataError(f"{path} is not a valid tokenizer file ({str(e)[:200]}); re-train or re-copy it") from None
+        template = CHAT_TEMPLATE
+        config_path = path.parent / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                template = json.loads(config_path.read_text("utf-8")).get("chat_template") or CHAT_TEMPLATE
+            except json.JSONDecodeError as e:
+                raise DataError(f"{config_path} is not valid JSON ({e}); delete it or re-save the tokenizer") from None
+        return cls(hf, chat_template=template)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self._tok.to_str() == other._tok.to_str()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+                    progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of at most ``vocab_size`` tokens on ``texts``.
+
+    The result can be smaller than ``vocab_size`` when the corpus has too few
+    distinct pairs seen ``min_frequency`` times.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB} "
+                          f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes); pass --vocab-size {MIN_VOCAB} or more")
+    if vocab_size > 2**31 - 1:
+        raise ConfigError(f"vocab_size {vocab_size} is too large; pass a value below 2**31")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

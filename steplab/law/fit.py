@@ -1,0 +1,428 @@
+"""Loss scaling-law fits: the parametric form L = E + A/N^alpha + B/D^beta, and IsoFLOP approaches 1 and 2.
+
+The parametric fit follows Hoffmann et al. (approach 3) as Epoch's replication runs it: predict log L as
+LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e; minimise the sum of Huber(delta=1e-3)
+losses of the log residuals with L-BFGS from a grid of starts; bootstrap the runs for intervals.
+Every fit checks its inputs first and says why it cannot fit, rather than return a number nobody should use.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from steplab.errors import FitError
+from steplab.law.tables import RunsTable, best_per_cell
+
+HUBER_DELTA = 1e-3
+PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
+# Epoch's grid of starts (log A, log B, log E, alpha, beta): 6 * 6 * 5 * 5 * 5 = 4500 points.
+START_GRID = np.array(list(itertools.product(
+    np.arange(0, 30, 5), np.arange(0, 30, 5), np.arange(-1, 1.5, 0.5),
+    np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5))), dtype=float)
+
+
+class FitWarning(UserWarning):
+    """A fit that ran but deserves suspicion (parameter at an edge, wide interval, dropped rows)."""
+
+
+def _warn(sink: list[str], message: str) -> None:
+    sink.append(message)
+    warnings.warn(message, FitWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    se: float = float("nan")
+    ci: tuple[float, float] = (float("nan"), float("nan"))
+
+
+def summarise(value: float, draws: np.ndarray | None, level: float = 0.95) -> Estimate:
+    """A point estimate with the bootstrap standard error and percentile interval."""
+    if draws is None or np.isfinite(draws).sum() < 2:
+        return Estimate(float(value))
+    d = draws[np.isfinite(draws)]
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
+    return Estimate(float(value), float(d.std(ddof=1)), (float(lo), float(hi)))
+
+
+def check_points(what: str, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Finite, positive, same-length 1-D float arrays, or a FitError that names the first offender."""
+    out = {k: np.asarray(v, dtype=float).ravel() for k, v in arrays.items()}
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) != 1:
+        raise FitError(f"{what}: columns have different lengths {sorted(lengths)}; pass one value per run")
+    for name, v in out.items():
+        bad = ~np.isfinite(v) | (v <= 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise FitError(f"{what}: {int(bad.sum())} value(s) of {name} are NaN, infinite or not positive "
+                           f"(first at row {i}: {v[i]}); fix the table or load it with --drop-invalid")
+    return out
+
+
+# ------------------------------------------------------------------------------------- parametric form
+
+def _objective(p: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delta: float):
+    """Sum of Huber losses of log residuals, and its exact gradient (L-BFGS needs no finite differences)."""
+    a, b, e, alpha, beta = p
+    z = np.stack([a - alpha * lN, b - beta * lD, np.full_like(lN, e)])
+    m = z.max(axis=0)
+    w = np.exp(z - m)
+    s = w.sum(axis=0)
+    r = m + np.log(s) - lL
+    w /= s  # softmax weights = d(LSE)/d(term)
+    ar = np.abs(r)
+    value = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+    g = np.clip(r, -delta, delta)
+    grad = np.array([g @ w[0], g @ w[1], g @ w[2], -(g * w[0]) @ lN, -(g * w[1]) @ lD])
+    return value, grad
+
+
+def _objective_many(P: np.ndarray, lN, lD, lL, delta: float) -> np.ndarray:
+    """The objective at many parameter vectors at once: scores the whole start grid in one pass."""
+    z = np.stack([P[:, 0, None] - P[:, 3, None] * lN, P[:, 1, None] - P[:, 4, None] * lD,
+                  np.broadcast_to(P[:, 2, None], (len(P), len(lN)))])
+    m = z.max(axis=0)
+    r = m + np.log(np.exp(z - m).sum(axis=0)) - lL
+    ar = np.abs(r)
+    return np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum(axis=1)
+
+
+def _scaled(p, lN, lD, lL, delta):
+    # The raw sum is ~1e-3, far below scipy's stopping scale (relative change against max(|f|, 1)), so a
+    # bootstrap refit would stop at its start and the intervals would come out ~30x too narrow. Dividing by
+    # n * delta^2 makes the objective O(1) in units of the Huber threshold.
+    value, grad = _objective(p, lN, lD, lL, delta)
+    scale = 1.0 / (len(lN) * delta * delta)
+    return value * scale, grad * scale
+
+
+def _lbfgs(x0, lN, lD, lL, delta):
+    r = minimize(_scaled, x0, args=(lN, lD, lL, delta), jac=True, method="L-BFGS-B",
+                 options={"ftol": 1e-12, "gtol": 1e-8})
+    r.fun = r.fun * len(lN) * delta * delta  # back to the plain sum of Huber losses
+    return r
+
+
+@dataclass
+class ParametricFit:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    n: int
+    objective: float               # sum of Huber losses, Epoch's units (0.0010183 on their 240 points)
+    rmse_log: float                # RMSE of log(loss) residuals
+    max_rel_err: float
+    starts: int
+    starts_at_best: int            # polished starts that reached the best objective (1e-6 relative)
+    boot: np.ndarray | None = None  # (n_bootstrap, 5): E, A, B, alpha, beta
+    holdout: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    kind: str = "chinchilla"
+
+    def predict(self, N, D) -> np.ndarray:
+        return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
+
+    def predict_interval(self, N, D, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        if self.boot is None:
+            p = self.predict(N, D)
+            return p, p
+        E, A, B, al, be = (self.boot[:, i, None] for i in range(5))
+        draws = E + A / np.atleast_1d(N) ** al + B / np.atleast_1d(D) ** be
+        lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return lo, hi
+
+    def allocation(self, C) -> tuple[np.ndarray, np.ndarray]:
+        """Compute-optimal N and D for C = 6 N D (Hoffmann eq. 4): N_opt = G (C/6)^a, a = beta/(alpha+beta)."""
+        s = self.alpha + self.beta
+        G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
+        N = G * (np.asarray(C, float) / 6) ** (self.beta / s)
+        return N, np.asarray(C, float) / (6 * N)
+
+    def estimates(self) -> dict[str, Estimate]:
+        out = {name: summarise(getattr(self, name), None if self.boot is None else self.boot[:, i])
+               for i, name in enumerate(PARAM_NAMES)}
+        a = self.beta / (self.alpha + self.beta)
+        draws = None if self.boot is None else self.boot[:, 4] / (self.boot[:, 3] + self.boot[:, 4])
+        out["a"] = summarise(a, draws)  # N_opt ~ C^a
+        out["b"] = summarise(1 - a, None if draws is None else 1 - draws)
+        return out
+
+    def to_dict(self) -> dict:
+        d: dict = {"kind": self.kind}
+        for name, est in self.estimates().items():
+            d[name], d[f"{name}_se"], d[f"{name}_ci"] = est.value, est.se, list(est.ci)
+        d["quality"] = {"n": self.n, "huber_objective": self.objective, "rmse_log_loss": self.rmse_log,
+                        "max_rel_err": self.max_rel_err, "starts": self.starts,
+                        "starts_at_best": self.starts_at_best,
+                        "bootstrap": 0 if self.boot is None else len(self.boot)}
+        d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
+        return d
+
+
+def fit_parametric(N, D, loss, *, n_bootstrap: int = 1000, seed: int = 0, delta: float = HUBER_DELTA,
+                   n_starts: int = 64, holdout: int = 0) -> ParametricFit:
+    """Fit L = E + A/N^alpha + B/D^beta. ``holdout=K`` fits without the K largest-compute runs and
+    reports predicted vs measured loss for them."""
+    pts = check_points("parametric fit", N=N, D=D, loss=loss)
+    N, D, L = pts["N"], pts["D"], pts["loss"]
+    held = np.zeros(len(N), dtype=bool)
+    if holdout:
+        if not 0 < holdout < len(N) - 5:
+            raise FitError(f"--holdout {holdout}: must leave more than 5 of the {len(N)} runs to fit")
+        held[np.argsort(N * D)[-holdout:]] = True
+    fit_N, fit_D, fit_L = N[~held], D[~held], L[~held]
+    _check_identifiable(fit_N, fit_D)
+    lN, lD, lL = np.log(fit_N), np.log(fit_D), np.log(fit_L)
+    notes: list[str] = []
+
+    # Score all 4500 of Epoch's starts in one vectorised pass, then run L-BFGS from the best n_starts:
+    # the same basins are found for a fraction of the cost (all 4500 take ~13 s on 240 points).
+    scores = _objective_many(START_GRID, lN, lD, lL, delta)
+    starts = START_GRID[np.argsort(scores, kind="stable")[:n_starts]]
+    runs = [_lbfgs(x0, lN, lD, lL, delta) for x0 in starts]
+    ok = [r for r in runs if np.all(np.isfinite(r.x))]
+    if not ok:
+        raise FitError("parametric fit: L-BFGS failed from every start; check the table for outliers")
+    best = min(ok, key=lambda r: r.fun)
+    at_best = sum(r.fun <= best.fun * (1 + 1e-6) for r in ok)
+    x = best.x
+
+    boot = None
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        boot = np.empty((n_bootstrap, 5))
+        for i in range(n_bootstrap):
+            idx = rng.integers(0, len(lN), len(lN))
+            bx = _lbfgs(x, lN[idx], lD[idx], lL[idx], delta).x  # start at the full-data optimum, as Epoch
+            boot[i] = np.exp(bx[[2, 0, 1]]).tolist() + [bx[3], bx[4]]
+
+    E, A, B = np.exp([x[2], x[0], x[1]])
+    pred = E + A / fit_N ** x[3] + B / fit_D ** x[4]
+    res = np.log(pred) - lL
+    fit = ParametricFit(E=float(E), A=float(A), B=float(B), alpha=float(x[3]), beta=float(x[4]), n=len(fit_N),
+                        objective=float(best.fun), rmse_log=float(np.sqrt(np.mean(res ** 2))),
+                        max_rel_err=float(np.max(np.abs(pred / fit_L - 1))), starts=len(runs),
+                        starts_at_best=int(at_best), boot=boot, notes=notes)
+    if holdout:
+        lo, hi = fit.predict_interval(N[held], D[held])
+        p = fit.predict(N[held], D[held])
+        fit.holdout = [{"N": float(n), "D": float(d), "C": float(6 * n * d), "measured": float(m),
+                        "predicted": float(q), "predicted_ci": [float(a), float(b)], "rel_err": float(q / m - 1)}
+                       for n, d, m, q, a, b in zip(N[held], D[held], L[held], p, lo, hi)]
+    _sanity(fit)
+    return fit
+
+
+def _check_identifiable(N: np.ndarray, D: np.ndarray) -> None:
+    if len(N) < 5:
+        raise FitError(f"parametric fit: {len(N)} runs for 5 parameters (E, A, B, alpha, beta); "
+                       "add runs (at least 3 sizes x 3 token budgets is a sensible minimum)")
+    for name, v, param in (("N", N, "alpha"), ("D", D, "beta")):
+        k = len(np.unique(v))
+        if k < 3:
+            raise FitError(f"parametric fit: only {k} distinct {name} value(s), so {param} cannot be separated "
+                           f"from E; sweep at least 3 values of {name}")
+
+
+def _sanity(fit: ParametricFit) -> None:
+    """Warn about fits that converged but sit where the data give little information."""
+    for name in ("alpha", "beta"):
+        v = getattr(fit, name)
+        if not 0.02 < v < 3:
+            _warn(fit.warnings, f"{name} = {v:.3g} is at the edge of plausible values: the runs barely "
+                                f"constrain it; widen the range of {'N' if name == 'alpha' else 'D'}")
+    if fit.boot is not None:
+        for i, name in ((3, "alpha"), (4, "beta"), (0, "E")):
+            lo, hi = np.nanpercentile(fit.boot[:, i], [2.5, 97.5])
+            if hi - lo > abs(fit.boot[:, i].mean()):
+                _warn(fit.warnings, f"{name} is poorly determined: 95% bootstrap interval [{lo:.3g}, {hi:.3g}]")
+    if fit.starts_at_best == 1 and fit.starts > 1:
+        _warn(fit.warnings, "only one start reached the best objective: the optimum may be fragile")
+
+
+# -------------------------------------------------------------------------------- IsoFLOP approaches 1, 2
+
+def compute_groups(C: np.ndarray, budget: np.ndarray | None = None, gap_decades: float = 0.05) -> np.ndarray:
+    """IsoFLOP group ids: the nominal budget where the table has one, else clusters of log10 C split at
+    gaps wider than ``gap_decades`` (runs of one budget differ in C only through rounding of N and D)."""
+    if budget is not None and np.all(np.isfinite(budget)):
+        return np.unique(budget, return_inverse=True)[1].ravel()
+    order = np.argsort(C)
+    lc = np.log10(C[order])
+    ids = np.empty(len(C), dtype=int)
+    ids[order] = np.concatenate([[0], np.cumsum(np.diff(lc) > gap_decades)])
+    return ids
+
+
+@dataclass
+class IsoFLOPFit:
+    approach: int                  # 1: envelope (min loss per budget); 2: parabola vertex per budget
+    a: Estimate                    # N_opt = kN * C^a
+    b: Estimate                    # D_opt = kD * C^b
+    kN: float
+    kD: float
+    points: list[dict]             # per budget: C, N_opt, D_opt, loss at optimum (and parabola for approach 2)
+    rmse_log_N: float
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"approach": self.approach, "a": self.a.value, "a_se": self.a.se, "a_ci": list(self.a.ci),
+                "b": self.b.value, "b_se": self.b.se, "b_ci": list(self.b.ci), "kN": self.kN, "kD": self.kD,
+                "quality": {"groups": len(self.points), "rmse_log_N_opt": self.rmse_log_N},
+                "points": self.points, "warnings": self.warnings, "notes": self.notes}
+
+
+def _parabola(lN: np.ndarray, L: np.ndarray) -> tuple[float, float, float] | None:
+    """loss = c2 x^2 + c1 x + c0 in x = log N; None without curvature (no minimum to read off)."""
+    c2, c1, c0 = np.polyfit(lN, L, 2)
+    return (c2, c1, c0) if c2 > 0 else None
+
+
+def _group_optima(lN, lD, L, lC, groups, approach: int):
+    """Per group (log C, log N_opt, log D_opt, loss, coefs); coefs only for approach 2. Groups that
+    give no minimum, or a parabola vertex outside the sampled sizes, are skipped with a reason."""
+    out, skipped = [], []
+    for g in np.unique(groups):
+        m = groups == g
+        c = float(np.mean(lC[m]))
+        if len(np.unique(lN[m])) < 3:
+            skipped.append((c, "fewer than 3 model sizes"))
+            continue
+        if approach == 1:
+            i = np.argmin(L[m])
+            out.append((c, lN[m][i], lD[m][i], L[m][i], None))
+            continue
+        coefs = _parabola(lN[m], L[m])
+        if coefs is None:
+            skipped.append((c, "loss has no minimum in log N (parabola opens downward)"))
+            continue
+        x = -coefs[1] / (2 * coefs[0])
+        if not lN[m].min() <= x <= lN[m].max():
+            skipped.append((c, "vertex outside the sampled sizes"))
+            continue
+        out.append((c, x, c - np.log(6) - x, float(np.polyval(coefs, x)), coefs))
+    return out, skipped
+
+
+def _powerlaw(lC: np.ndarray, ly: np.ndarray) -> tuple[float, float]:
+    slope, intercept = np.polyfit(lC, ly, 1)
+    return float(slope), float(intercept)
+
+
+def fit_isoflop(N, D, loss, *, C=None, budget=None, approach: int = 2, n_bootstrap: int = 1000,
+                seed: int = 0) -> IsoFLOPFit:
+    """Chinchilla approach 1 (envelope) or 2 (IsoFLOP parabolas): N_opt ~ C^a and D_opt ~ C^b."""
+    pts = check_points(f"IsoFLOP approach {approach}", N=N, D=D, loss=loss)
+    N, D, L = pts["N"], pts["D"], pts["loss"]
+    C = 6 * N * D if C is None else np.asarray(C, float)
+    groups = compute_groups(C, None if budget is None else np.asarray(budget, float))
+    # A nominal budget is the compute level the study intended; otherwise the group's mean log C.
+    lC = np.log(np.asarray(budget, float)) if budget is not None and np.all(np.isfinite(budget)) else np.log(C)
+    lN, lD = np.log(N), np.log(D)
+    sink: list[str] = []
+
+    opt, skipped = _group_optima(lN, lD, L, lC, groups, approach)
+    for c, why in skipped:
+        _warn(sink, f"IsoFLOP budget {np.exp(c):.3g}: skipped ({why})")
+    if len(opt) < 2:
+        raise FitError(f"IsoFLOP approach {approach}: {len(opt)} usable compute level(s) of "
+                       f"{len(np.unique(groups))}; need at least 2, each with 3 or more model sizes")
+    if len(opt) == 2:
+        _warn(sink, "only 2 compute levels: the exponent has no residual to check it against")
+    spread = max(np.ptp(np.log10(C[groups == g])) for g in np.unique(groups))
+    if budget is None and spread > 0.15:
+        _warn(sink, f"compute levels span up to {spread:.2f} decades each: these are not clean IsoFLOP "
+                    "budgets; give the table a budget column")
+    oc, oN, oD = (np.array([o[i] for o in opt]) for i in range(3))
+    a, kN = _powerlaw(oc, oN)
+    b, kD = _powerlaw(oc, oD)
+    rmse = float(np.sqrt(np.mean((kN + a * oc - oN) ** 2)))
+
+    draws = np.full((n_bootstrap, 2), np.nan)
+    rng = np.random.default_rng(seed)
+    ids = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    for i in range(n_bootstrap):
+        idx = np.concatenate([rng.choice(g, len(g)) for g in ids])  # resample runs within each budget
+        bo, _ = _group_optima(lN[idx], lD[idx], L[idx], lC[idx], groups[idx], approach)
+        if len(bo) >= 2:
+            bc = np.array([o[0] for o in bo])
+            draws[i] = _powerlaw(bc, np.array([o[1] for o in bo]))[0], _powerlaw(bc, np.array([o[2] for o in bo]))[0]
+    points = [{"C": float(np.exp(o[0])), "N_opt": float(np.exp(o[1])), "D_opt": float(np.exp(o[2])),
+               "loss": float(o[3]), **({"parabola": [float(c) for c in o[4]]} if o[4] is not None else {})}
+              for o in opt]
+    return IsoFLOPFit(approach, summarise(a, draws[:, 0] if n_bootstrap else None),
+                      summarise(b, draws[:, 1] if n_bootstrap else None), float(np.exp(kN)), float(np.exp(kD)),
+                      points, rmse, sink)
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+KINDS = ("auto", "chinchilla", "isoflop", "hparams")
+
+
+def detect_kind(table: RunsTable) -> str:
+    """An lr x batch sweep (several runs per (N, D) cell with different lr) -> hparams; else chinchilla."""
+    if "lr" in table and "batch_tokens" in table and len(table):
+        cells = np.unique(np.stack([table["N"], table["D"]], 1), axis=0)
+        if len(cells) * 3 <= len(table) and len(np.unique(table["lr"])) > 1:
+            return "hparams"
+    return "chinchilla"
+
+
+def usable(table: RunsTable, cols: tuple[str, ...], drop_invalid: bool, sink: list[str]) -> RunsTable:
+    """The rows a log-log fit can use; invalid rows are an error unless the user asked to drop them."""
+    bad = table.invalid(*cols)
+    if not bad.any():
+        return table
+    i = int(np.argmax(bad))
+    where = f"row {i}" + (f" ({table.data['label'][i]})" if "label" in table else "")
+    if not drop_invalid:
+        raise FitError(f"{table.source}: {int(bad.sum())} of {len(table)} runs have NaN, infinite or "
+                       f"non-positive {'/'.join(cols)} (first: {where}); fix them or pass --drop-invalid")
+    _warn(sink, f"dropped {int(bad.sum())} runs with NaN, infinite or non-positive {'/'.join(cols)} "
+                f"(first: {where})")
+    return table.subset(~bad)
+
+
+def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_bootstrap: int = 1000,
+              seed: int = 0, drop_invalid: bool = False):
+    """Dispatch a runs table to its fit. Returns ParametricFit, a list of IsoFLOPFit (approaches 1 and 2)
+    or HparamFit."""
+    if kind not in KINDS:
+        raise FitError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    kind = detect_kind(table) if kind == "auto" else kind
+    if holdout and kind != "chinchilla":
+        raise FitError(f"--holdout applies to the chinchilla (parametric) fit, not to --kind {kind}")
+    if "dataset" in table and len(set(table["dataset"])) > 1:
+        names = sorted(set(table["dataset"]))
+        raise FitError(f"{table.source} mixes {len(names)} datasets ({', '.join(names[:4])}...); a law holds for "
+                       f"one data distribution: add --where dataset={names[0]}")
+    sink: list[str] = []
+    if kind == "hparams":
+        from steplab.law.hparams import fit_hparam_laws
+        fit = fit_hparam_laws(usable(table, ("N", "D", "loss", "lr", "batch_tokens"), drop_invalid, sink),
+                              n_bootstrap=n_bootstrap, seed=seed)
+        fit.warnings[:0], fit.notes[:0] = sink, table.notes
+        return fit
+    table = usable(table, ("N", "D", "loss"), drop_invalid, sink)
+    table, _ = best_per_cell(table)
+    if kind == "chinchilla":
+        fit = fit_parametric(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed,
+                             holdout=holdout)
+    else:
+        budget = table.data.get("budget")
+        fit = [fit_isoflop(table["N"], table["D"], table["loss"], C=table["C"], budget=budget, approach=k,
+                           n_bootstrap=n_bootstrap, seed=seed) for k in (1, 2)]
+    for f in fit if isinstance(fit, list) else [fit]:
+        f.warnings[:0], f.notes[:0] = sink, table.notes
+    return fit

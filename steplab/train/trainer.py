@@ -1,0 +1,212 @@
+"""The training loop: one function, ``train(cfg, run_dir)``, that a CLI verb, a sweep or a test calls.
+
+What makes resume exact: the model is initialised from the seed; the data loader's position, the optimizer
+state and the RNG are in every checkpoint; the metrics log is cut back to the checkpoint's step on resume.
+On CPU the same ops in the same order give the same bits, so an interrupted-and-resumed run reproduces the
+loss sequence of an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from steplab.config import RunConfig
+from steplab.data.loader import TokenLoader, iter_eval_batches
+from steplab.data.prepare import load_prepared
+from steplab.errors import ConfigError, StepLabError
+from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
+from steplab.models.dense import Step1, count_params, flops_per_token
+from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
+from steplab.train.optim import build_optimizer, lr_at
+from steplab.utils import atomic_write_json, atomic_write_text
+
+
+class TrainingError(StepLabError):
+    pass
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return name
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    return Step1(cfg.model)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: bool) -> None:
+    """Write config.json and a copy of the tokenizer; refuse to clobber another run."""
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        if not resume:
+            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
+        if saved.model != cfg.model or saved.data != cfg.data:
+            raise ConfigError(f"--resume with a different model or data config than {config_path}; resume with the saved config")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise ConfigError(f"output directory {run_dir} exists and is not empty; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, cfg.to_dict())
+    if not (run_dir / "tokenizer").exists():
+        tmp = run_dir / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer_dir, tmp)
+        tmp.rename(run_dir / "tokenizer")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; return the summary (also written to ``summary.json``)."""
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    tokenizer, train_shards, val_shards, meta = load_prepared(cfg.data.path)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+    cfg.validate(special_tokens=len(tokenizer.special_ids))
+    prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume)
+
+    device = resolve_device(tc.device)
+    device_type = torch.device(device).type
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, tc, device_type)
+    loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+
+    start_step, prior_seconds, skipped = 0, 0.0, 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        start_step, prior_seconds, skipped = state["step"], state["train_seconds"], state.get("skipped_steps", 0)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None,
+                     tensorboard_dir=run_dir / "tb" if tc.tensorboard else None)
+    step_fn = torch.compile(model) if tc.compile else model
+
+    params = count_params(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(device_type, tc.dtype)
+    token_bytes = token_byte_lengths(tokenizer)
+    tokens_per_step = cfg.tokens_per_step
+
+    def run_eval() -> dict[str, float]:
+        batches = iter_eval_batches(val_shards, cfg.data.seq_len, tc.batch_size, max_batches=tc.eval_batches)
+        return evaluate(model, batches, token_bytes, device=device, dtype=tc.dtype)
+
+    def checkpoint(step: int, seconds: float) -> None:
+        save_checkpoint(run_dir, step, model, optimizer, {"loader": loader.state_dict(), "train_seconds": seconds,
+                                                         "skipped_steps": skipped}, keep_last=tc.keep_last)
+
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=not progress, dynamic_ncols=True)
+    model.train()
+    train_seconds, last = prior_seconds, {}
+    for step in range(start_step, tc.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(tc.grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device_type, tc.dtype):
+                loss = step_fn(x, y)
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        loss_value = loss_sum / tc.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if tc.nan_policy == "stop":
+                log.close()
+                bar.close()
+                last_ckpt = latest_checkpoint(run_dir)
+                raise TrainingError(f"loss became {loss_value} (grad norm {grad_norm}) at step {step + 1} with lr {lr:.3g}; "
+                                    f"the last good checkpoint is {last_ckpt or 'none'}. Lower train.lr, or set train.nan_policy=skip")
+            skipped += 1
+            log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tok_s = tokens_per_step / dt
+        mfu = flops["model"] * tok_s / peak
+        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
+                  "tok_per_s": tok_s, "mfu": mfu}
+        done = step + 1 == tc.max_steps
+        if (step + 1) % tc.eval_every == 0 or done:
+            last = run_eval()
+            record.update(last)
+        if (step + 1) % tc.log_every == 0 or "val_loss" in record or done:
+            log.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        if (step + 1) % tc.ckpt_every == 0 or done:
+            checkpoint(step + 1, train_seconds)
+    bar.close()
+    log.close()
+    if not last:  # resumed at the very end: nothing left to train, evaluate once more for the summary
+        last = run_eval()
+    return write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped)
+
+
+def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train_seconds, peak, skipped) -> dict[str, Any]:
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r and not r.get("skipped")]
+    tail = losses[-max(1, len(losses) // 10):]
+    D = cfg.train.max_steps * cfg.tokens_per_step
+    tok_s = D / train_seconds if train_seconds > 0 else 0.0
+    summary = {
+        "run": run_dir.name,
+        "N": params["N"], "N_active": params["N_active"], "params_total": params["total"],
+        "D": D, "C_6ND": 6.0 * params["N"] * D, "C_model": flops["model"] * D,
+        "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step, "batch_sequences": cfg.train.batch_size * cfg.train.grad_accum,
+        "seq_len": cfg.data.seq_len, "steps": cfg.train.max_steps,
+        "train_loss_final": losses[-1] if losses else float("nan"),
+        "train_loss_smoothed": sum(tail) / len(tail) if tail else float("nan"),
+        **last_eval,
+        "train_seconds": train_seconds, "tok_per_s": tok_s, "mfu": flops["model"] * tok_s / peak,
+        "peak_flops": peak, "skipped_steps": skipped,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    plot_loss_curve(records, run_dir / "loss.png", title=f"{run_dir.name}: N={params['N']:,}")
+    atomic_write_text(run_dir / "report.md", render_report(cfg, summary))
+    return summary
+
+
+def render_report(cfg: RunConfig, s: dict[str, Any]) -> str:
+    m = cfg.model
+    return f"""# Run `{s['run']}`
+
+| | |
+|---|---|
+| model | d_model {m.d_model}, {m.n_layer} layers, {m.n_head} heads ({m.n_kv_head} kv), d_ff {m.d_ff}, vocab {m.vocab_size} |
+| N (non-embedding) | {s['N']:,} |
+| total parameters | {s['params_total']:,} |
+| D (tokens) | {s['D']:,} |
+| C = 6ND | {s['C_6ND']:.3g} FLOPs ({s['C_model']:.3g} counting lm_head and attention) |
+| lr, batch | {s['lr']:.3g}, {s['batch_tokens']:,} tokens ({s['batch_sequences']} x {s['seq_len']}) |
+| final train loss (smoothed) | {s['train_loss_smoothed']:.4f} |
+| validation loss | {s['val_loss']:.4f} nats/token |
+| bits per byte | {s['val_bpb']:.4f} |
+| throughput | {s['tok_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of {s['peak_flops'] / 1e9:,.0f} GFLOP/s |
+| training time | {s['train_seconds']:.1f} s |
+
+![loss curve](loss.png)
+"""
