@@ -20,6 +20,22 @@ MIN_VOCAB = 256 + N_SPECIAL_TOKENS  # byte-level BPE needs every byte plus the s
 
 
 @dataclass
+class MoEConfig:
+    """Step-2 Mixture-of-Experts FFN; ``n_experts == 0`` means a dense (Step-1) model."""
+
+    n_experts: int = 0  # routed experts per MoE layer
+    top_k: int = 2  # routed experts per token
+    n_shared: int = 0  # shared experts every token goes through
+    d_expert: int = 0  # hidden size of each expert; 0: model.d_ff
+    score: str = "softmax"  # router scores: softmax | sigmoid
+    first_dense: int = 0  # the first k layers stay dense
+    every: int = 1  # then every n-th layer is MoE
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing (DeepSeek-V3); 0 disables
+    aux_loss_coef: float = 0.0  # optional sequence-level balance loss
+    z_loss_coef: float = 0.0  # optional router z-loss
+
+
+@dataclass
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
@@ -34,6 +50,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if self.n_kv_head == 0:

@@ -1,0 +1,157 @@
+"""Core verbs: quickstart, data prepare, tokenizer train, train, eval, sample."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="the main job: corpus -> tokenizer -> shards -> train -> eval -> samples")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale the training work (1.0: within 10 min on 2 CPU cores)")
+    p.add_argument("--source", default="stdlib", help="corpus (default: the Python standard library sources)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
+    p.set_defaults(func=cmd_quickstart)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", metavar="<data-verb>")
+    data.required = True
+    p = data.add_parser("prepare", help="source -> tokenizer + train/val token shards")
+    _source_args(p)
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--tokenizer", help="use this trained tokenizer directory instead of training one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing prepared dataset in --out")
+    p.set_defaults(func=cmd_data_prepare)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_verb", metavar="<tokenizer-verb>")
+    tok.required = True
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    _source_args(p)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--preset", help="e.g. step1-nano, step1-mini, step1-mini-8k")
+    p.add_argument("--config", help="TOML or JSON config file")
+    p.add_argument("--data", help="prepared dataset directory (sets data.path)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-3")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a run")
+    p.add_argument("run")
+    p.add_argument("--data", help="prepared dataset (default: the run's own)")
+    p.add_argument("--batches", type=int, default=50, help="validation batches (default 50)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking the KV cache)")
+    p.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    p.set_defaults(func=cmd_sample)
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="stdlib | DIR | FILE.txt | FILE.jsonl | FILE.parquet | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--field", default="text", help="JSONL field / Parquet column / HF column with the text")
+    p.add_argument("--max-bytes", type=float, help="stop reading after about this many bytes")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--skip-bad", action="store_true", help="skip binary or non-UTF-8 files with a warning instead of failing")
+
+
+def cmd_quickstart(args) -> int:
+    from steplab.quickstart import quickstart
+
+    quickstart(out=args.out, budget=args.budget, source=args.source, device=args.device, resume=args.resume)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from steplab.data.prepare import prepare_data
+
+    meta = prepare_data(args.source, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction, field=args.field,
+                        max_bytes=int(args.max_bytes) if args.max_bytes else None, tokenizer_dir=args.tokenizer,
+                        seed=args.seed, skip_bad=args.skip_bad, force=args.force)
+    for split in ("train", "val"):
+        s = meta[split]
+        print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from steplab.data.sources import iter_documents
+    from steplab.data.tokenizer import train_tokenizer
+
+    docs = iter_documents(args.source, field=args.field, max_bytes=int(args.max_bytes) if args.max_bytes else None, skip_bad=args.skip_bad)
+    tok = train_tokenizer(docs, args.vocab_size, progress=True)
+    tok.save(args.out)
+    print(f"trained a byte-level BPE tokenizer with {tok.vocab_size:,} tokens; wrote {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from steplab.config import resolve
+    from steplab.train.trainer import train
+
+    overrides = list(args.set) + ([f"data.path={args.data}"] if args.data else [])
+    if args.resume and not args.preset and not args.config:
+        from pathlib import Path
+
+        saved = Path(args.out) / "config.json"
+        if saved.is_file():
+            args.config = str(saved)
+    cfg = resolve(args.preset, args.config, overrides)
+    t0 = time.time()
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"val loss {summary['val_loss']:.4f}, bits/byte {summary['val_bpb']:.4f}, "
+          f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}, wall {time.time() - t0:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from steplab.data.loader import iter_eval_batches
+    from steplab.data.prepare import load_prepared
+    from steplab.eval.evaluate import evaluate, token_byte_lengths
+    from steplab.train.checkpoint import load_run
+    from steplab.train.trainer import resolve_device
+
+    device = resolve_device("auto")
+    cfg, model, tokenizer, step = load_run(args.run, device=device)
+    _, _, val, _ = load_prepared(args.data or cfg.data.path)
+    batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
+    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=cfg.train.dtype)
+    print(json.dumps({"run": args.run, "step": step, **result}, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from steplab.infer.sampling import SamplingParams, generate
+    from steplab.train.checkpoint import load_run
+    from steplab.train.trainer import resolve_device
+
+    cfg, model, tokenizer, _ = load_run(args.run, device=resolve_device("auto"))
+    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    outs = generate(model, [prompt] * args.num_samples, params, stop_ids={tokenizer.eos_id}, use_cache=not args.no_cache)
+    if args.json:
+        print(json.dumps([{"tokens": o, "text": tokenizer.decode(o, skip_special=True)} for o in outs]))
+        return 0
+    for i, o in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(o, skip_special=True))
+    return 0
