@@ -1,9 +1,182 @@
-"""`steplab law ...` verbs (filled in by the scaling-law lab)."""
+"""`steplab law ...` verbs: argument parsing and printing only; the work is in steplab.law.
+
+Each verb is a pair: ``_add_<verb>(law_sub)`` declares its parser and ``cmd_<verb>(args) -> int`` runs it.
+To add a verb (plan, sweep), write the pair and append the adder to ``VERBS``.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    law = sub.add_parser("law", help="scaling-law lab: hparams, fit, plan, sweep, report")
-    law.add_subparsers(dest="law_verb", metavar="<law-verb>").required = True
+    law = sub.add_parser("law", help="scaling-law lab: hparams, fit, report (predict before you train)")
+    law_sub = law.add_subparsers(dest="law_verb", metavar="<law-verb>")
+    law_sub.required = True
+    for add in VERBS:
+        add(law_sub)
+
+
+def add_table_args(p: argparse.ArgumentParser) -> None:
+    """How to read a runs table: shared by every verb that takes one."""
+    p.add_argument("--adapter", default="auto",
+                   choices=["auto", "runs", "epoch", "steplaw", "gadre", "misfitting", "open_athena"],
+                   help="table format (default: detected from the columns)")
+    p.add_argument("--map", action="extend", nargs="+", default=[], metavar="KEY=COLUMN",
+                   help="take a canonical column from a source column, e.g. --map N=params loss=val_loss")
+    p.add_argument("--where", action="extend", nargs="+", default=[], metavar="COLUMN=VALUE",
+                   help="keep only matching rows, e.g. --where dataset=rpj")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="drop runs with NaN, infinite or non-positive values (with a warning) instead of failing")
+
+
+def load_from_args(args, path: str):
+    from steplab.law.tables import load_table, parse_pairs
+
+    return load_table(path, adapter=args.adapter, columns=parse_pairs(args.map, "--map"),
+                      where=parse_pairs(args.where, "--where"))
+
+
+def _jsonable(obj):
+    """NaN (no bootstrap, no interval) becomes null: json.dumps would write invalid JSON."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(_jsonable(obj), indent=2))
+
+
+def _print_warnings(result) -> None:
+    results = result if isinstance(result, list) else [result]
+    for w in dict.fromkeys(w for r in results for w in r.warnings):
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _fit(args, table):
+    """Run the fit with Python's own warning printing off: the result carries the warnings and we print them
+    once, as one line each."""
+    from steplab.law.fit import FitWarning, fit_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        return fit_table(table, args.kind, holdout=args.holdout, n_bootstrap=args.bootstrap, seed=args.seed,
+                         drop_invalid=args.drop_invalid)
+
+
+# --------------------------------------------------------------------------------------- hparams
+
+def _add_hparams(law_sub) -> None:
+    p = law_sub.add_parser("hparams", help="Step Law optimal peak learning rate and batch size for N, D")
+    p.add_argument("--N", type=float, required=True, help="non-embedding parameters (MoE: see docs/scaling_laws.md)")
+    p.add_argument("--D", type=float, required=True, help="training tokens")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the batch in sequences")
+    p.add_argument("--from", dest="from_table", metavar="TABLE",
+                   help="refit the coefficients from this lr x batch sweep instead of the published ones")
+    add_table_args(p)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for --from (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print {"lr", "batch_tokens", "batch_sequences", ...}')
+    p.set_defaults(func=cmd_hparams)
+
+
+def cmd_hparams(args) -> int:
+    from steplab.law.hparams import PUBLISHED, fit_hparam_laws, suggest
+
+    coefs, source = PUBLISHED, "published coefficients (Li et al. 2025, ~3,700 runs)"
+    if args.from_table:
+        from steplab.law.fit import FitWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FitWarning)
+            fit = fit_hparam_laws(load_from_args(args, args.from_table), seq_len=args.seq_len,
+                                  n_bootstrap=args.bootstrap, seed=args.seed)
+        _print_warnings(fit)
+        coefs, source = fit.coefs, f"refitted from {args.from_table} ({fit.n_selected} runs kept)"
+    s = suggest(args.N, args.D, args.seq_len, coefs)
+    if args.json:
+        _print_json({**s, "N": args.N, "D": args.D, "seq_len": args.seq_len, "coefficients": vars(coefs),
+                     "source": source})
+        return 0
+    print(f"Step Law, {source}:")
+    print(f"  lr = {math.exp(coefs.lr_intercept):.4g} * N^{coefs.lr_coef_N:.4f} * D^{coefs.lr_coef_D:.4f}, "
+          f"batch_tokens = {math.exp(coefs.bs_intercept):.4g} * D^{coefs.bs_coef_D:.4f}")
+    print(f"  N = {args.N:.4g}, D = {args.D:.4g}")
+    print(f"  peak lr        {s['lr']:.4g}")
+    print(f"  batch          {s['batch_tokens']:,.0f} tokens = {s['batch_sequences']} sequences of {args.seq_len}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="runs table: CSV/JSONL (ours or a public suite), or a Gadre model-JSON directory")
+    add_table_args(p)
+    p.add_argument("--kind", default="auto", choices=["auto", "chinchilla", "isoflop", "hparams"],
+                   help="chinchilla: L = E + A/N^a + B/D^b; isoflop: approaches 1 and 2; hparams: Step Law "
+                        "lr/batch laws (default: hparams for an lr x batch sweep, else chinchilla)")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="fit without the K largest-compute runs and report predicted vs measured loss for them")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_fit(law_sub) -> None:
+    p = law_sub.add_parser("fit", help="fit a runs table: Chinchilla form, IsoFLOP, or Step Law hparams")
+    _fit_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable results (each value with a _ci pair)")
+    p.add_argument("--plots", metavar="DIR", help="also write PNG plots of the fit into DIR")
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args) -> int:
+    from steplab.law.report import plots_for, summary_lines
+
+    table = load_from_args(args, args.table)
+    result = _fit(args, table)
+    _print_warnings(result)
+    if args.json:
+        if isinstance(result, list):
+            _print_json({"kind": "isoflop", **{f"approach{r.approach}": r.to_dict() for r in result}})
+        else:
+            _print_json(result.to_dict())
+    else:
+        print(f"{table.describe()}")
+        for note in (result[0] if isinstance(result, list) else result).notes:
+            print(f"  note: {note}")
+        print("\n".join(summary_lines(result)))
+    if args.plots:
+        for path in plots_for(table, result, args.plots):
+            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def _add_report(law_sub) -> None:
+    p = law_sub.add_parser("report", help="fit a runs table and write plots + a Markdown/HTML report")
+    _fit_args(p)
+    p.add_argument("--out", default="out/law_report", help="output directory (default out/law_report)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from steplab.law.report import fit_report
+
+    table = load_from_args(args, args.table)
+    result = _fit(args, table)
+    _print_warnings(result)
+    md, page = fit_report(table, result, args.out)
+    print(f"wrote {md}\nwrote {page}")
+    return 0
+
+
+VERBS = [_add_hparams, _add_fit, _add_report]

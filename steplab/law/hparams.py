@@ -82,6 +82,23 @@ def select_near_best(table: RunsTable, tolerance: float = 0.0025, n_key: str | N
     return np.abs(loss / best[cells] - 1) < tolerance
 
 
+def _check_design(logN: np.ndarray, logD: np.ndarray) -> None:
+    """The exponents are only identified if N and D each vary, and not in lockstep."""
+    from steplab.law.fit import MIN_SPAN
+    if len(logN) < 4:
+        raise FitError(f"hyperparameter fit: {len(logN)} selected runs for 3 lr coefficients; sweep more cells")
+    for name, v, hint in (("N", logN, "MoE sweeps at one total size: --map N=<active-params column>, e.g. Na"), ("D", logD, "")):
+        span = float(np.exp(np.ptp(v)))
+        if span < MIN_SPAN:
+            raise FitError(f"hyperparameter fit: {name} spans only x{span:.4g} across the selected runs, so the lr "
+                           f"exponent on {name} cannot be fitted; sweep {name} over x{MIN_SPAN:g} or more"
+                           + (f" ({hint})" if hint else ""))
+    corr = abs(np.corrcoef(logN, logD)[0, 1])
+    if corr > 0.98:
+        raise FitError(f"hyperparameter fit: log N and log D move together (|corr| = {corr:.3f}, e.g. a fixed "
+                       "tokens-per-parameter ratio), so their lr exponents cannot be separated; vary D at fixed N")
+
+
 def _batched_lstsq(X: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least squares on every resample at once: normal equations (B, k, k) solved in one call. Columns are
     centred first, so the systems are well conditioned; singular resamples come back as NaN rows."""
@@ -145,11 +162,7 @@ def fit_hparam_laws(table: RunsTable, *, tolerance: float = 0.0025, seq_len: int
     mN, mD = logN.mean(), logD.mean()
     X_lr = np.stack([logN - mN, logD - mD, np.ones_like(logN)], 1)
     X_bs = X_lr[:, 1:]
-    if len(logN) < 4 or np.linalg.matrix_rank(X_lr) < 3:
-        raise FitError(
-            f"hyperparameter fit: {len(np.unique(table['N']))} distinct N and {len(np.unique(table['D']))} "
-            f"distinct D in {len(logN)} selected runs; the lr exponents on N and D cannot be separated. "
-            "Sweep at least 2 model sizes and 2 token budgets that are not in a fixed ratio")
+    _check_design(logN, logD)
 
     def unpack(c_lr, c_bs) -> np.ndarray:
         # back from centred columns: intercept = c0 - cN mN - cD mD
@@ -177,6 +190,13 @@ def fit_hparam_laws(table: RunsTable, *, tolerance: float = 0.0025, seq_len: int
     res_bs = y_bs - np.log(coefs.batch_tokens(np.exp(logD)))
     if len(np.unique(table["N"])) < 3:
         _warn(sink, "only 2 model sizes: the lr exponent on N rests on two points")
+    if boot is not None:
+        for name in ("lr_coef_N", "lr_coef_D", "bs_coef_D"):
+            col = boot[:, COEF_NAMES.index(name)]
+            lo, hi = np.percentile(col, [2.5, 97.5])
+            if hi - lo > abs(col.mean()):
+                _warn(sink, f"{name} is poorly determined: its 95% bootstrap interval [{lo:.3g}, {hi:.3g}] "
+                            "is wider than its size")
     fit = HparamFit(coefs, full_coefs, boot, len(table), int(keep.sum()), n_cells,
                     float(np.sqrt(np.mean(res_lr ** 2))), float(np.sqrt(np.mean(res_bs ** 2))), tolerance,
                     cells=_cell_summary(table, keep, batch, cells), warnings=sink)

@@ -135,7 +135,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | 
     """(config, model in eval mode, tokenizer, step) from a run directory's latest complete checkpoint."""
     from steplab.config import RunConfig
     from steplab.data.tokenizer import Tokenizer
-    from steplab.models.dense import Step1
+    from steplab.models import build_model
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -145,6 +145,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | 
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet; train it first or wait for the first checkpoint")
-    model = Step1(cfg.model)
+    model = build_model(cfg.model)
     state = load_weights(path, model)
     return cfg, model.to(device).eval(), Tokenizer.load(run_dir / "tokenizer"), state["step"]

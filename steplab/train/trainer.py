@@ -22,7 +22,7 @@ from steplab.data.loader import TokenLoader, iter_eval_batches
 from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
-from steplab.models.dense import Step1, count_params, flops_per_token
+from steplab.models import build_model, count_params, flops_per_token
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
@@ -39,10 +39,6 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     return name
-
-
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    return Step1(cfg.model)
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: bool) -> None:
@@ -82,7 +78,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, tc, device_type)
     loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
 
@@ -118,7 +114,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, extra_stats = 0.0, {}
         for _ in range(tc.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -141,6 +137,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(model, "after_optimizer_step"):  # e.g. MoE router-bias balancing; returns stats to log
+                extra_stats = model.after_optimizer_step() or {}
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -148,7 +146,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         tok_s = tokens_per_step / dt
         mfu = flops["model"] * tok_s / peak
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
-                  "tok_per_s": tok_s, "mfu": mfu}
+                  "tok_per_s": tok_s, "mfu": mfu, **extra_stats}
         done = step + 1 == tc.max_steps
         if (step + 1) % tc.eval_every == 0 or done:
             last = run_eval()
