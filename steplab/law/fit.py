@@ -187,7 +187,6 @@ def fit_parametric(N, D, loss, *, n_bootstrap: int = 1000, seed: int = 0, delta:
     fit_N, fit_D, fit_L = N[~held], D[~held], L[~held]
     _check_identifiable(fit_N, fit_D)
     lN, lD, lL = np.log(fit_N), np.log(fit_D), np.log(fit_L)
-    notes: list[str] = []
 
     # Score all 4500 of Epoch's starts in one vectorised pass, then minimise from the best n_starts:
     # the same basins are found for a fraction of the cost (all 4500 take ~13 s on 240 points).
@@ -217,14 +216,14 @@ def fit_parametric(N, D, loss, *, n_bootstrap: int = 1000, seed: int = 0, delta:
     fit = ParametricFit(E=float(E), A=float(A), B=float(B), alpha=float(x[3]), beta=float(x[4]), n=len(fit_N),
                         objective=float(best.fun), rmse_log=float(np.sqrt(np.mean(res ** 2))),
                         max_rel_err=float(np.max(np.abs(pred / fit_L - 1))), starts=len(runs),
-                        starts_at_best=int(at_best), boot=boot, notes=notes)
+                        starts_at_best=int(at_best), boot=boot)
     if holdout:
         lo, hi = fit.predict_interval(N[held], D[held])
         p = fit.predict(N[held], D[held])
         fit.holdout = [{"N": float(n), "D": float(d), "C": float(6 * n * d), "measured": float(m),
                         "predicted": float(q), "predicted_ci": [float(a), float(b)], "rel_err": float(q / m - 1)}
                        for n, d, m, q, a, b in zip(N[held], D[held], L[held], p, lo, hi)]
-    _sanity(fit)
+    _sanity(fit, fit_N, fit_D)
     return fit
 
 
@@ -239,8 +238,16 @@ def _check_identifiable(N: np.ndarray, D: np.ndarray) -> None:
                            f"be separated from E; sweep at least 3 values of {name} over x{MIN_SPAN:g} or more")
 
 
-def _sanity(fit: ParametricFit) -> None:
+def _sanity(fit: ParametricFit, N: np.ndarray, D: np.ndarray) -> None:
     """Warn about fits that converged but sit where the data give little information."""
+    level = float(np.mean(fit.predict(N, D)))
+    for name, term, var in (("alpha", fit.A / N ** fit.alpha, "N"), ("beta", fit.B / D ** fit.beta, "D")):
+        if np.ptp(term) < 1e-3 * level:
+            _warn(fit.warnings, f"the {var} term moves the loss by under 0.1% across these runs, so {name} "
+                                f"(= {getattr(fit, name):.3g}) is not determined by the data; widen the range of {var}")
+    if fit.E < 0.05 * level:
+        _warn(fit.warnings, f"E = {fit.E:.3g} ran to zero: the runs do not pin down the irreducible loss (too few "
+                            "well-trained large runs?), and alpha, beta absorb it; treat the exponents with care")
     for name in ("alpha", "beta"):
         v = getattr(fit, name)
         if not 0.02 < v < 3:
@@ -411,7 +418,8 @@ def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_boots
         raise FitError(f"--holdout applies to the chinchilla (parametric) fit, not to --kind {kind}")
     if "dataset" in table and len(set(table["dataset"])) > 1:
         names = sorted(set(table["dataset"]))
-        raise FitError(f"{table.source} mixes {len(names)} datasets ({', '.join(names[:4])}...); a law holds for "
+        listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise FitError(f"{table.source} mixes {len(names)} datasets ({listed}); a law holds for "
                        f"one data distribution: add --where dataset={names[0]}")
     sink: list[str] = []
     if kind == "hparams":

@@ -206,7 +206,7 @@ ADAPTERS: dict[str, Adapter] = {
          "dataset": ("experiment",), "label": ("model",)},
         signature=(("budget", "experiment", "params"),), clean=_clean_open_athena),
     "runs": Adapter(
-        {"N": ("N", "n_params", "params"), "N_total": ("N_total",), "N_active": ("N_active", "N_a", "Na"),
+        {"N": ("N", "n_params"), "N_total": ("N_total",), "N_active": ("N_active", "N_a", "Na"),
          "D": ("D", "tokens", "train_tokens"), "C": ("C", "flops", "compute"), "budget": ("budget",),
          "loss": ("loss", "val_loss", "final_val_loss", "smooth_loss", "smooth loss", "train_loss"),
          "lr": ("lr", "peak_lr", "learning_rate"), "batch_tokens": ("batch_tokens",),

@@ -1,0 +1,105 @@
+"""Training throughput: steplab Step-1 vs transformers' LlamaForCausalLM at the identical configuration.
+
+    python bench/train_throughput.py [--d-model 512 --layers 8 --heads 8 --vocab 8192 --seq 256 --batch 16]
+                                     [--dtype bf16|fp32] [--threads 2] [--rounds 5] [--no-compile]
+
+One process, same threads, same random batches. Each round times a forward + backward + AdamW step of
+every contender (interleaved, so background load hits all alike); the best round of each is reported, plus
+the median of the per-round ratios. MFU divides model FLOPs/token x tokens/s by the bf16 (or fp32) matmul
+peak measured in this same run (2048^3 matmul). Default shape: ~25.7M N (step1-mini).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from steplab.config import ModelConfig
+from steplab.export.hf import llama_config_dict, to_hf_state_dict
+from steplab.models.dense import Step1, count_params, flops_per_token
+from steplab.train.metrics import measure_matmul_flops
+
+
+def make_step(model, loss_fn, dtype, fused: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layer=args.layers, n_head=args.heads,
+                      n_kv_head=args.kv_heads, max_seq_len=args.seq)
+    torch.manual_seed(0)
+    ours = Step1(cfg)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in llama_config_dict(cfg).items() if k not in ("architectures", "model_type")})
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg))
+    hf.config._attn_implementation = "sdpa"
+
+    contenders = {
+        "transformers Llama (eager)": make_step(hf, lambda x, y: hf(input_ids=x, labels=y).loss, args.dtype, fused=False),
+        "steplab Step-1 (eager)": make_step(ours, lambda x, y: ours(x, y), args.dtype, fused=True),
+    }
+    if not args.no_compile:
+        ours_c = Step1(cfg)
+        ours_c.load_state_dict(ours.state_dict())
+        compiled = torch.compile(ours_c)
+        contenders["steplab Step-1 (torch.compile)"] = make_step(ours_c, lambda x, y: compiled(x, y), args.dtype, fused=True)
+
+    x = torch.randint(0, args.vocab, (args.batch, args.seq))
+    y = torch.randint(0, args.vocab, (args.batch, args.seq))
+    t0 = time.perf_counter()
+    for step in contenders.values():  # warm-up (and compile)
+        step(x, y)
+        step(x, y)
+    print(f"warm-up/compile {time.perf_counter() - t0:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, step in contenders.items():
+            t = time.perf_counter()
+            step(x, y)
+            times[name].append(time.perf_counter() - t)
+    peak = measure_matmul_flops("cpu", torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+
+    tokens = args.batch * args.seq
+    flops = flops_per_token(cfg, args.seq)["model"]
+    base = "transformers Llama (eager)"
+    print(f"\nN = {count_params(cfg)['N']:,} (non-embedding), vocab {args.vocab}, batch {args.batch} x {args.seq}, {args.dtype}, "
+          f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"measured {args.dtype} matmul peak: {peak / 1e9:,.0f} GFLOP/s\n")
+    print(f"| contender | tokens/s | vs transformers (median of rounds) | GFLOP/s | MFU |")
+    print(f"|---|---:|---:|---:|---:|")
+    for name, ts in times.items():
+        tok_s = tokens / min(ts)
+        ratio = statistics.median(b / t for b, t in zip(times[base], ts))
+        print(f"| {name} | {tok_s:,.0f} | {ratio:.2f}x | {flops * tok_s / 1e9:,.0f} | {flops * tok_s / peak:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

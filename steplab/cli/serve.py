@@ -1,0 +1,158 @@
+"""`steplab serve` (OpenAI-compatible API + chat page) and `steplab chat` (terminal REPL on the same engine)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import socket
+import sys
+from pathlib import Path
+
+from steplab.errors import ConfigError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve runs over an OpenAI-compatible API with a browser chat page")
+    p.add_argument("runs", nargs="+", metavar="RUN[:NAME]",
+                   help="run directory, optionally with the model name clients use (default: the directory name), "
+                        "e.g. runs/A:step-1-8k")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys-file", help="file with one API key per line (also read: $STEPLAB_API_KEYS)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (anyone who can connect may use it)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s (back-pressure)")
+    p.add_argument("--rate-limit", help="per key (per address with --no-auth), e.g. 60/min, 5/s, '600/hour,burst=20'")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a run in the terminal (/reset, /quit)")
+    p.add_argument("run")
+    p.add_argument("--system", default="", help="system message")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_chat)
+
+
+def parse_run_spec(spec: str) -> tuple[str, str]:
+    """``runs/A:step-1-8k`` -> ("runs/A", "step-1-8k"); ``runs/A`` -> ("runs/A", "A")."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or "/" in name or "\\" in name:
+        path, name = spec, Path(spec).resolve().name
+    if not NAME.match(name):
+        raise ConfigError(f"model name {name!r} (from {spec!r}) must be letters, digits, '.', '_' or '-'; "
+                          f"give one explicitly as RUN:NAME, e.g. {path}:step-1-8k")
+    return path, name
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from steplab.serve.app import create_app
+    from steplab.serve.auth import ENV_VAR, load_api_keys
+    from steplab.train.trainer import resolve_device
+
+    models: dict[str, str] = {}
+    for spec in args.runs:
+        path, name = parse_run_spec(spec)
+        if name in models:
+            raise ConfigError(f"two runs are served as {name!r}; name them apart with RUN:NAME")
+        models[name] = path
+    if args.no_auth:
+        if args.api_keys_file:
+            raise ConfigError("--no-auth and --api-keys-file contradict each other; pick one")
+        keys = None
+    else:
+        keys = load_api_keys(args.api_keys_file)
+        if not keys:
+            raise ConfigError(f"no API keys: pass --api-keys-file FILE (one key per line) or set {ENV_VAR}, "
+                              "or serve without keys explicitly with --no-auth")
+    _check_port(args.host, args.port)
+    app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, max_request_bytes=args.max_request_bytes,
+                     max_batch=args.max_batch, max_queue=args.max_queue, device=resolve_device(args.device))
+    for name, engine in app.state.engines.items():
+        print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch})")
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"chat page {url}/   API {url}/v1   auth: {'OFF (--no-auth)' if keys is None else f'{len(keys)} key(s)'}")
+    if keys is None and not _is_loopback(args.host):
+        print(f"warning: no authentication on {args.host}: anyone who can reach this address can use the models", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or stop what uses it") from None
+
+
+def cmd_chat(args, input_fn=input) -> int:
+    from steplab.infer.engine import Engine, Request, chat_stop_ids, encode_chat
+    from steplab.train.checkpoint import load_run
+    from steplab.train.trainer import resolve_device
+
+    _, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
+    engine = Engine(model, tokenizer, name=Path(args.run).name, max_batch=1, max_queue=1).start()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"chatting with {args.run} (step {step}, context {engine.context_len} tokens); /reset clears, /quit exits")
+    try:
+        while True:
+            try:
+                line = input_fn("you> ")
+            except EOFError:
+                print()
+                return 0
+            command = line.strip()
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                history = []
+                print("(conversation cleared)")
+                continue
+            if not command:
+                continue
+            history.append({"role": "user", "content": line})
+            prompt = encode_chat(tokenizer, system + history)
+            while len(prompt) > engine.context_len // 2 and len(history) > 1:  # forget the oldest turns
+                history = history[2:] if len(history) > 2 else history[1:]
+                prompt = encode_chat(tokenizer, system + history)
+            room = engine.context_len - len(prompt)
+            if room < 1:
+                history.pop()
+                print(f"(that message is {len(prompt)} tokens; the context holds {engine.context_len}: say less)")
+                continue
+            request = Request(prompt=prompt, max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, stop_ids=chat_stop_ids(tokenizer))
+            handle = engine.submit(request)
+            reply = []
+            print("assistant> ", end="", flush=True)
+            try:
+                for event in handle:
+                    print(event.text, end="", flush=True)
+                    reply.append(event.text)
+            except KeyboardInterrupt:
+                handle.cancel()
+                print(" [interrupted]", end="")
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.stop()

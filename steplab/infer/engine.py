@@ -1,0 +1,531 @@
+"""Serving engine: continuous batching over the slot KV cache.
+
+One background thread owns the model and a :class:`~steplab.models.common.KVCache` with ``max_batch`` rows
+("slots"). Each turn of its loop:
+
+1. drops cancelled requests (a client went away): their slots go back to the free list at once;
+2. admits waiting requests first-in first-out while enough slots are free (a request asking for ``n``
+   choices takes ``n`` slots);
+3. prefills: feeds at most ``prefill_chunk`` prompt tokens into the admitted requests' slots, so a long
+   prompt is spread over several turns instead of stalling everyone's decoding; when a prompt is complete
+   its cache row is copied to the slots of its other ``n - 1`` choices (the prompt is computed once) and
+   every choice samples its first token;
+4. decodes: one batched forward of the last token of every running sequence, each row at its own position,
+   then per-sequence sampling, stop checks and event delivery. Finished sequences leave the batch at once
+   and their slot is free for the next turn's admissions.
+
+Sampling is per sequence: its own temperature/top-p/top-k, presence and frequency penalties, logprobs and
+its own ``torch.Generator`` (seeded with ``seed + choice index``), so a seeded request gives the same tokens
+whatever else is in the batch. A row is sampled with :func:`steplab.infer.sampling.sample_next`, the function
+``steplab sample`` uses, so greedy decoding returns exactly what :func:`~steplab.infer.sampling.generate`
+returns for the same prompt (bit-identical when the request runs alone; in a batch, rows of different
+lengths share one attention call and float rounding may in principle differ).
+
+Events cross from the engine thread to the caller through the caller's asyncio loop
+(``call_soon_threadsafe``) when :meth:`Engine.submit` is called inside one, else through a ``queue.Queue``::
+
+    handle = engine.submit(Request(prompt=ids, max_tokens=64))   # QueueFullError when the queue is full
+    async for event in handle:                                   # or `for event in handle` outside a loop
+        print(event.text, end="")
+
+Leaving the loop early (``break``, an exception, a cancelled task) cancels the request and frees its slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from steplab.errors import StepLabError
+from steplab.infer.sampling import SamplingParams, sample_next
+from steplab.models.common import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(StepLabError):
+    """A request the engine cannot take (the API maps each subclass to an HTTP status)."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is full: back off and retry (the API answers 503 with Retry-After)."""
+
+
+class ContextLengthError(EngineError):
+    """Prompt plus requested completion do not fit in the model's context."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is not running (not started yet, or shut down)."""
+
+
+@dataclass
+class Request:
+    """One generation request; ``n`` choices share the prompt."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely tokens
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    stop_ids: frozenset[int] = frozenset()  # stop tokens (counted in usage, not included in the text)
+    n: int = 1
+
+
+@dataclass
+class Logprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What one choice produced in one engine step; the last event of a choice has ``finish_reason``."""
+
+    index: int  # which of the n choices
+    tokens: list[int]  # new token ids
+    text: str  # new text; "" while held back (an unfinished UTF-8 character, a possible stop-string prefix)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[Logprob]
+
+
+_ids = itertools.count(1)
+
+
+class Handle:
+    """A submitted request: iterate it for its events (``async for`` in the loop that submitted it, else ``for``)."""
+
+    def __init__(self, engine: "Engine", request: Request, loop: asyncio.AbstractEventLoop | None):
+        self.id = next(_ids)
+        self.request = request
+        self.prompt_tokens = len(request.prompt)
+        self.completion_tokens = 0
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cancelled = False
+        self._engine = engine
+        self._loop = loop
+        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._queue: queue.Queue | None = queue.Queue() if loop is None else None
+        self._open = request.n  # choices not finished yet (consumer side)
+
+    def cancel(self) -> None:
+        """Stop generating (idempotent); the slots are freed on the engine's next turn."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._open == 0
+
+    # -- engine thread side
+    def _deliver(self, event: Event) -> None:
+        if self._queue is not None:
+            self._queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    # -- consumer side
+    def _consumed(self, event: Event) -> Event:
+        if event.finish_reason is not None:
+            self._open -= 1
+        return event
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._aqueue is None:
+            raise RuntimeError("this request was submitted outside an event loop; iterate it with `for`")
+        try:
+            while self._open:
+                yield self._consumed(await self._aqueue.get())
+        finally:
+            if self._open:
+                self.cancel()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise RuntimeError("this request was submitted inside an event loop; iterate it with `async for`")
+        try:
+            while self._open:
+                yield self._consumed(self._queue.get())
+        finally:
+            if self._open:
+                self.cancel()
+
+
+class _Seq:
+    """One choice of a request while it holds a slot."""
+
+    def __init__(self, handle: Handle, index: int, slot: int, device: torch.device):
+        req = handle.request
+        self.handle, self.index, self.slot = handle, index, slot
+        self.params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
+        self.generator = None
+        if req.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if req.seed is not None:
+                self.generator.manual_seed(req.seed + index)
+            else:
+                self.generator.seed()
+        self.counts: torch.Tensor | None = None  # token counts for the penalties
+        self.tokens: list[int] = []
+        self.pending: list[int] = []  # tokens not yet turned into text (part of a UTF-8 character)
+        self.text = ""  # all text so far
+        self.sent = 0  # characters of ``text`` already delivered
+
+
+class _Prefill:
+    def __init__(self, handle: Handle, seqs: list[_Seq]):
+        self.handle, self.seqs, self.pos = handle, seqs, 0
+
+
+class Engine:
+    """Continuous-batching generation for one model (serve several models with one engine each)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model", max_batch: int = 8,
+                 max_queue: int = 64, prefill_chunk: int = 512, max_len: int | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        param = next(model.parameters())
+        self.device = param.device
+        self.vocab_size = model.cfg.vocab_size
+        self.context_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.cache = KVCache(model.cfg, max_batch, self.context_len, device=self.device, dtype=param.dtype)
+        self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
+        self._waiting: deque[Handle] = deque()
+        self._prefilling: deque[_Prefill] = deque()
+        self._running: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # counters for /metrics
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.finished_total: dict[str, int] = {}
+        self.rejected_total = 0
+        self.steps_total = 0
+
+    # -- lifecycle
+    def start(self) -> "Engine":
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"waiting": len(self._waiting), "running": len(self._running) + sum(len(p.seqs) for p in self._prefilling),
+                    "free_slots": len(self._free), "max_batch": self.max_batch}
+
+    # -- requests
+    def validate(self, request: Request) -> None:
+        """Raise EngineError/ValueError for a request that can never run; the API calls it before streaming."""
+        n_prompt = len(request.prompt)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if not 1 <= request.n <= self.max_batch:
+            raise ValueError(f"n={request.n} must be between 1 and the server's batch size {self.max_batch}")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens={request.max_tokens} must be at least 1")
+        if n_prompt + request.max_tokens > self.context_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.context_len} tokens, but {n_prompt + request.max_tokens} "
+                f"were requested ({n_prompt} in the prompt + {request.max_tokens} for the completion); "
+                f"shorten the prompt or lower max_tokens")
+        if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+            raise ValueError(f"logprobs={request.logprobs} must be between 0 and 20")
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; raises QueueFullError (back-pressure), ContextLengthError, ValueError, EngineStoppedError."""
+        self.validate(request)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = Handle(self, request, loop)
+        with self._cond:
+            if not self.running:
+                raise EngineStoppedError(f"engine {self.name!r} is not running")
+            if len(self._waiting) >= self.max_queue:
+                self.rejected_total += 1
+                raise QueueFullError(f"model {self.name!r} is busy: {len(self._waiting)} requests are already waiting; retry shortly")
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        """``async for event in engine.stream(request)``: submit and yield its events (errors raise on the first step)."""
+        async for event in self.submit(request):
+            yield event
+
+    def generate(self, request: Request) -> list[Completion]:
+        """Blocking convenience: run a request to the end and return its choices."""
+        out = [Completion([], "", "", []) for _ in range(request.n)]
+        for ev in self.submit(request):
+            c = out[ev.index]
+            c.tokens += ev.tokens
+            c.text += ev.text
+            c.logprobs += ev.logprobs
+            if ev.finish_reason:
+                if ev.error:
+                    raise EngineError(ev.error)
+                c.finish_reason = ev.finish_reason
+        return out
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- the engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._prefilling or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                with torch.no_grad():
+                    self._step()
+            except Exception as e:  # keep serving: fail the requests in flight, not the server
+                log.exception("engine %s: step failed", self.name)
+                self._fail_running(f"internal engine error ({type(e).__name__}); the request was aborted")
+        self._fail_running("the server is shutting down")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            for i in range(handle.request.n):
+                handle._deliver(Event(i, [], "", finish_reason="error", error="the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        if any(h.cancelled for h in self._waiting):
+            self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for pre in [p for p in self._prefilling if p.handle.cancelled]:
+            self._prefilling.remove(pre)
+            for seq in pre.seqs:
+                self._finish(seq, "cancelled", running=False)
+        for seq in [s for s in self._running if s.handle.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._free) >= self._waiting[0].request.n:
+            handle = self._waiting.popleft()
+            seqs = [_Seq(handle, i, self._free.pop(), self.device) for i in range(handle.request.n)]
+            self.cache.lengths[[s.slot for s in seqs]] = 0
+            self._prefilling.append(_Prefill(handle, seqs))
+
+    def _step(self) -> None:
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            pre = self._prefilling[0]
+            prompt, first = pre.handle.request.prompt, pre.seqs[0]
+            chunk = prompt[pre.pos:pre.pos + budget]
+            ids = torch.tensor([chunk], device=self.device)
+            logits = self.model(ids, cache=self.cache, slots=torch.tensor([first.slot], device=self.device))
+            pre.pos += len(chunk)
+            budget -= len(chunk)
+            if pre.pos < len(prompt):
+                break  # the rest of this prompt next turn, after a decode step for the others
+            self._prefilling.popleft()
+            self.prompt_tokens_total += len(prompt)
+            for seq in pre.seqs[1:]:  # n > 1: share the computed prompt
+                self._copy_slot(first.slot, seq.slot, len(prompt))
+            for seq in pre.seqs:
+                self._running.append(seq)
+            for seq in pre.seqs:
+                self._accept(seq, logits[0, -1])
+        if self._running:
+            batch = list(self._running)
+            ids = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
+            slots = torch.tensor([s.slot for s in batch], device=self.device)
+            logits = self.model(ids, cache=self.cache, slots=slots)[:, -1]
+            for row, seq in enumerate(batch):
+                self._accept(seq, logits[row])
+        self.steps_total += 1
+
+    def _copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        self.cache.lengths[dst] = length
+
+    def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """Sample the next token of ``seq`` from its logits row (V,), deliver it, finish the sequence if done."""
+        req, handle = seq.handle.request, seq.handle
+        if req.presence_penalty or req.frequency_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            # OpenAI's formula: logit - count * frequency_penalty - (count > 0) * presence_penalty
+            logits = logits.float() - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
+        token = int(sample_next(logits[None], seq.params, seq.generator)[0])
+        logprobs = []
+        if req.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(logp, req.logprobs) if req.logprobs else None
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            logprobs.append(Logprob(token, float(logp[token]), alternatives))
+        seq.tokens.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        handle.completion_tokens += 1
+        self.generation_tokens_total += 1
+        if handle.first_token_at is None:
+            handle.first_token_at = time.perf_counter()
+
+        finish = None
+        if token in req.stop_ids:
+            text, finish = self._text(seq, None, final=True), "stop"
+        else:
+            text, hit = self._text_with_stops(seq, token, final=len(seq.tokens) >= req.max_tokens)
+            if hit:
+                finish = "stop"
+            elif len(seq.tokens) >= req.max_tokens:
+                finish = "length"
+        handle._deliver(Event(seq.index, [token], text, logprobs, finish_reason=finish))
+        if finish:
+            self._finish(seq, finish, deliver=False)
+
+    def _text(self, seq: _Seq, token: int | None, final: bool) -> str:
+        """Decode new tokens into ``seq.text`` (waiting while a UTF-8 character is incomplete); return new text."""
+        if token is not None:
+            seq.pending.append(token)
+        if seq.pending:
+            piece = self.tokenizer.decode(seq.pending, skip_special=True)
+            # A byte-level token can end inside a multi-byte character: wait (a character is at most 4 bytes).
+            if not (piece.endswith("\ufffd") and len(seq.pending) < 4 and not final):
+                seq.text += piece
+                seq.pending = []
+        if final:
+            out, seq.sent = seq.text[seq.sent:], len(seq.text)
+            return out
+        return ""
+
+    def _text_with_stops(self, seq: _Seq, token: int, final: bool) -> tuple[str, bool]:
+        """New text that is safe to send, and whether a stop string was hit (the text is cut before it)."""
+        self._text(seq, token, final=False)
+        stops, text = seq.handle.request.stop, seq.text
+        if stops:
+            hits = [i for i in (text.find(s, seq.sent) for s in stops if s) if i >= 0]
+            if hits:
+                out, seq.sent = text[seq.sent:min(hits)], len(text)
+                return out, True
+        if final:
+            return self._text(seq, None, final=True), False
+        hold = 0  # keep back the longest tail that could still grow into a stop string
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text) - seq.sent), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        end = len(text) - hold
+        out, seq.sent = text[seq.sent:end], end
+        return out, False
+
+    def _finish(self, seq: _Seq, reason: str, *, running: bool = True, deliver: bool = True, error: str | None = None) -> None:
+        if running:
+            self._running.remove(seq)
+        self.cache.lengths[seq.slot] = 0
+        self._free.append(seq.slot)
+        self.finished_total[reason] = self.finished_total.get(reason, 0) + 1
+        if deliver:
+            seq.handle._deliver(Event(seq.index, [], "", finish_reason=reason, error=error))
+
+    def _fail_running(self, message: str) -> None:
+        for pre in list(self._prefilling):
+            for seq in pre.seqs:
+                self._finish(seq, "error", running=False, error=message)
+        self._prefilling.clear()
+        for seq in list(self._running):
+            self._finish(seq, "error", error=message)
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------
+
+def chat_stop_ids(tokenizer) -> frozenset[int]:
+    """A chat reply ends at <|end|> (the template's turn end) or <|eos|>."""
+    ids = {tokenizer.eos_id}
+    if "<|end|>" in tokenizer.special_ids:
+        ids.add(tokenizer.special_ids["<|end|>"])
+    return frozenset(ids)
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template, ending with the assistant's turn opener.
+
+    The built-in template is rendered without Jinja (``Tokenizer.render_chat``); a custom template stored in
+    tokenizer_config.json is rendered with Jinja in a sandbox, the way transformers does.
+    """
+    from steplab.data.tokenizer import CHAT_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", CHAT_TEMPLATE)
+    if template == CHAT_TEMPLATE:
+        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+    else:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                    bos_token="<|bos|>", eos_token="<|eos|>")
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+    return tokenizer.encode(text)

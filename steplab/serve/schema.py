@@ -1,0 +1,101 @@
+"""Request bodies of the OpenAI API subset we serve (pydantic v2).
+
+Unknown fields are accepted and ignored, as OpenAI clients send many optional ones (``user``, ``store``,
+``metadata``...). Fields we cannot honour (tools, logit_bias, echo, suffix, best_of > n) are rejected with a
+400 by ``unsupported()`` rather than silently ignored. Responses are built as plain dicts in app.py: that is
+cheaper on the streaming path than validating every chunk.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _Sampling(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)  # extension (vLLM has it too)
+    n: int | None = Field(None, ge=1, le=16)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool | None = False  # extension (as vLLM): each choice also lists its token ids
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in v):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    def unsupported(self) -> str | None:
+        """The first field set that this server does not implement, else None."""
+        extra = self.model_extra or {}
+        for name in ("tools", "functions", "tool_choice", "function_call", "logit_bias", "response_format", "suffix"):
+            if extra.get(name) not in (None, {}, []):
+                return name
+        if extra.get("echo"):
+            return "echo"
+        best_of = extra.get("best_of")
+        if best_of not in (None, self.n or 1):
+            return "best_of"
+        return None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v

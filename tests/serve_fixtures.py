@@ -1,0 +1,60 @@
+"""Helpers for the serving tests: one tiny trained run per test process, and uvicorn in a background thread."""
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+_RUN: Path | None = None
+_LOCK = threading.Lock()
+
+
+def tiny_run() -> Path:
+    """A step1-nano run trained for 30 steps on a slice of the stdlib corpus (~15 s once per process)."""
+    global _RUN
+    with _LOCK:
+        if _RUN is None:
+            from steplab.config import resolve
+            from steplab.data.prepare import prepare_data
+            from steplab.train.trainer import train
+
+            tmp = Path(tempfile.mkdtemp(prefix="steplab-serve-test-"))
+            prepare_data("stdlib", tmp / "data", vocab_size=512, max_bytes=300_000, progress=False)
+            cfg = resolve("step1-nano", overrides=[f"data.path={tmp / 'data'}", "train.max_steps=30", "model.max_seq_len=256",
+                                                   "data.seq_len=128", "train.eval_every=30", "train.ckpt_every=30"])
+            train(cfg, tmp / "run", progress=False)
+            _RUN = tmp / "run"
+        return _RUN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``with Server(app) as srv: srv.url`` runs uvicorn on a free 127.0.0.1 port in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
