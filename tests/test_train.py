@@ -125,3 +125,29 @@ def test_wsd_and_cosine_schedules():
     wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
     assert lr_at(50, wsd) == 1.0 and lr_at(87, wsd) == 1.0
     assert lr_at(109, wsd) == pytest.approx(0.0) and 0 < lr_at(100, wsd) < 1
+
+
+def test_keep_last_k_and_tensorboard(tiny_data, tmp_path):
+    cfg = resolve(overrides=tiny_overrides(tiny_data, steps=8, **{"train.keep_last": 2, "train.tensorboard": "true"}))
+    train(cfg, tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000006", "step_00000008"]
+    events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_data, tmp_path):
+    # 2 micro-batches of 2 sequences see the same windows as 1 batch of 4, so the losses agree to rounding.
+    one = resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"train.batch_size": 4, "train.dtype": "fp32"}))
+    two = resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"train.batch_size": 2, "train.grad_accum": 2, "train.dtype": "fp32"}))
+    train(one, tmp_path / "one", progress=False)
+    train(two, tmp_path / "two", progress=False)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_training_matches_eager(tiny_data, tmp_path):
+    eager = resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"train.dtype": "fp32"}))
+    compiled = resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"train.dtype": "fp32", "train.compile": "true"}))
+    train(eager, tmp_path / "eager", progress=False)
+    train(compiled, tmp_path / "compiled", progress=False)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-3)

@@ -9,12 +9,15 @@ from steplab.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """Decay matrices and embeddings; never norms (1-D weights), whose scale decay would only fight."""
+    """Decay matrices and embeddings; never norms (1-D weights), whose scale decay would only fight.
+
+    The fused kernel (one pass over all parameters) exists for CUDA and, since torch 2.4, for CPU.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device_type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,109 @@
+"""The chat page at / in real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+ask for the API key, list the models, stream a reply, show an error. The screenshot is kept as
+test-artifacts/chat_page.png."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+
+from serve_fixtures import Server, tiny_run  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Chromium and chromedriver: apt-get install -y chromium chromium-driver")
+
+KEY = "sk-page-test-key"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def server():
+    from steplab.serve.app import create_app
+
+    app = create_app({"step-1-nano": str(tiny_run())}, api_keys={KEY})
+    with Server(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="steplab-chromium-")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,800", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver, condition, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+
+
+def test_chat_page_streams_a_reply(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/")
+    # no key stored yet: /v1/models answers 401 and the page asks for one
+    _wait(browser, lambda d: d.find_element(By.ID, "keybox").is_displayed())
+    browser.find_element(By.ID, "apikey").send_keys(KEY)
+    browser.find_element(By.ID, "savekey").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    assert browser.find_element(By.ID, "model").get_attribute("value") == "step-1-nano"
+    assert browser.execute_script("return localStorage.getItem('steplab_api_key')") == KEY
+
+    max_tokens = browser.find_element(By.ID, "max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("60")
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("def main():")
+    browser.find_element(By.ID, "send").click()
+    reply = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[-1]
+    _wait(browser, lambda d: reply.get_attribute("data-state") == "done")
+    text = reply.find_element(By.CLASS_NAME, "content").text
+    assert text.strip(), "the reply stayed empty"
+    assert int(reply.get_attribute("data-chunks")) > 1, "the reply arrived in one piece, not streamed"
+    assert browser.find_element(By.ID, "status").text.startswith("done")
+    assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")] == ["def main():"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "chat_page.png"))
+    assert (ARTIFACTS / "chat_page.png").stat().st_size > 1000
+
+
+def test_chat_page_shows_errors(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))  # the key is remembered
+    max_tokens = browser.find_element(By.ID, "max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("100000")  # more than the 256-token context
+    browser.find_element(By.ID, "input").send_keys("hello")
+    browser.find_element(By.ID, "send").click()
+    error = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))[0]
+    assert "maximum context length is 256" in error.text
+    # a wrong key: the page says so and asks again
+    browser.execute_script("localStorage.setItem('steplab_api_key', 'wrong')")
+    browser.get(server.url + "/")
+    _wait(browser, lambda d: d.find_element(By.ID, "keybox").is_displayed())
+    assert "incorrect API key" in browser.find_element(By.ID, "keymsg").text
+    browser.save_screenshot(str(ARTIFACTS / "chat_page_key_prompt.png"))
