@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: torch default
     tensorboard: bool = False
+    init_from: str = ""  # a run directory (e.g. from `steplab import hf`) whose weights start this run
 
 
 @dataclass

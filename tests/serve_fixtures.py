@@ -20,11 +20,20 @@ def tiny_run() -> Path:
             from steplab.data.prepare import prepare_data
             from steplab.train.trainer import train
 
+            import torch
+
             tmp = Path(tempfile.mkdtemp(prefix="steplab-serve-test-"))
             prepare_data("stdlib", tmp / "data", vocab_size=512, max_bytes=300_000, progress=False)
+            # One thread: a tiny model gains nothing from two, and on a busy 2-core machine spinning OpenMP
+            # threads can make it many times slower. The process-wide setting is restored afterwards.
+            threads = torch.get_num_threads()
             cfg = resolve("step1-nano", overrides=[f"data.path={tmp / 'data'}", "train.max_steps=30", "model.max_seq_len=256",
-                                                   "data.seq_len=128", "train.eval_every=30", "train.ckpt_every=30"])
-            train(cfg, tmp / "run", progress=False)
+                                                   "data.seq_len=128", "train.eval_every=30", "train.ckpt_every=30",
+                                                   "train.threads=1"])
+            try:
+                train(cfg, tmp / "run", progress=False)
+            finally:
+                torch.set_num_threads(threads)
             _RUN = tmp / "run"
         return _RUN
 

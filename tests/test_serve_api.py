@@ -25,6 +25,17 @@ MODEL = "step-1-nano"
 CHAT = [{"role": "user", "content": "def main():"}]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Reference generations in this thread: one OpenMP thread (two spin badly on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def loaded():
     from steplab.train.checkpoint import load_run

@@ -5,9 +5,17 @@ rotate-half RoPE layout, so the split is a plain slice with no permutation.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from steplab.config import ModelConfig
+from steplab.errors import CheckpointError
 
 
 def llama_config_dict(cfg: ModelConfig) -> dict:
@@ -69,4 +77,110 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             ours + "ffn.w13.weight": torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0),
             ours + "ffn.w2.weight": hf[h + "mlp.down_proj.weight"],
         })
+    return out
+
+
+# ---- directories ------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json).
+
+    Built in a temporary directory beside ``out_dir`` and renamed into place, so a failure leaves nothing
+    half-written; an existing ``out_dir`` is refused rather than overwritten.
+    """
+    from steplab.train.checkpoint import load_run
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"export target {out} exists and is not empty; choose another directory")
+    cfg, model, tokenizer, step = load_run(run_dir, checkpoint=checkpoint)
+    if cfg.model.moe.n_experts > 0:
+        from steplab.export.hf_moe import export_config_and_weights
+        config, weights = export_config_and_weights(model, cfg.model)
+    else:
+        config, weights = llama_config_dict(cfg.model), to_hf_state_dict(model.state_dict(), cfg.model)
+    config.update({"torch_dtype": "float32", "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                   "pad_token_id": tokenizer.pad_id, "steplab_step": step})
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.tmp-"))
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                      "do_sample": False, "max_length": cfg.model.max_seq_len}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        for name in TOKENIZER_FILES:
+            shutil.copy(Path(run_dir) / "tokenizer" / name, tmp / name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def import_hf(hf_dir, out_run) -> Path:
+    """Turn a Llama-architecture Hugging Face directory into a steplab run directory (weights-only checkpoint
+    at step 0), ready for ``steplab train --set train.init_from=OUT`` to continue training."""
+    from steplab.config import ModelConfig, RunConfig
+    from steplab.data.tokenizer import Tokenizer
+
+    hf_dir, out = Path(hf_dir), Path(out_run)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir} has no config.json; pass a Hugging Face model directory")
+    hf = json.loads(config_path.read_text())
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{hf_dir} is a {hf.get('model_type')!r} model; import supports the Llama architecture")
+    for key, want in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if hf.get(key, want) != want:
+            raise CheckpointError(f"{config_path}: {key}={hf[key]!r} is not supported (steplab's Step-1 needs {want!r})")
+    if hf.get("rope_scaling"):
+        raise CheckpointError(f"{config_path}: rope_scaling={hf['rope_scaling']!r} is not supported yet")
+    heads = hf["num_attention_heads"]
+    model = ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+                        n_kv_head=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
+                        max_seq_len=hf.get("max_position_embeddings", 2048), rope_base=float(hf.get("rope_theta", 10000.0)),
+                        norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if hf.get("head_dim", model.head_dim) != model.head_dim:
+        raise CheckpointError(f"{config_path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
+    try:
+        Tokenizer.load(hf_dir)
+    except Exception as e:
+        raise CheckpointError(f"{hf_dir}: the tokenizer is not in steplab's layout ({e}); steplab trains with its own "
+                              "special tokens, so import models exported by steplab or bring a matching tokenizer") from None
+    weights = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    if not weights:
+        raise CheckpointError(f"{hf_dir} holds no *.safetensors weights")
+    ours = from_hf_state_dict(weights, model)
+    if model.tie_embeddings:
+        ours.pop("lm_head.weight")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"import target {out} exists and is not empty; choose another directory")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.tmp-"))
+    try:
+        cfg = RunConfig(model=model)
+        cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).exists():
+                shutil.copy(hf_dir / name, tmp / "tokenizer" / name)
+        ckpt = tmp / "checkpoints" / "step_00000000"
+        ckpt.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in ours.items()}, str(ckpt / "model.safetensors"))
+        (ckpt / "state.json").write_text(json.dumps({"step": 0, "imported_from": str(hf_dir)}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

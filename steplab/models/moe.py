@@ -102,9 +102,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 class GroupedLinear(nn.Module):
     """E bias-free linear maps, weight (E, d_in, d_out): the layout ``_grouped_mm`` takes without a transpose."""
 
-    def __init__(self, n: int, d_in: int, d_out: int):
+    def __init__(self, n: int, d_in: int, d_out: int, std: float = 0.02):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, d_in, d_out))
+        self.weight = nn.Parameter(torch.randn(n, d_in, d_out) * std)  # Step2.reset_parameters re-initialises
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return grouped_mm(x, self.weight.to(x.dtype), counts)

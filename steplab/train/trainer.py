@@ -23,7 +23,7 @@ from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
 from steplab.models import build_model, count_params, flops_per_token
-from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
 from steplab.utils import atomic_write_json, atomic_write_text
@@ -61,6 +61,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: 
         tmp.rename(run_dir / "tokenizer")
 
 
+def init_weights(model: torch.nn.Module, source: Path) -> None:
+    """Start from another run's latest weights (fresh optimizer, step 0)."""
+    init_ckpt = latest_checkpoint(source)
+    if init_ckpt is None:
+        raise ConfigError(f"train.init_from={source} has no checkpoint; pass a run directory (e.g. made by `steplab import hf`)")
+    load_weights(init_ckpt, model)
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the summary (also written to ``summary.json``)."""
     run_dir = Path(run_dir)
@@ -84,6 +92,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
 
     start_step, prior_seconds, skipped = 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir) if resume else None
+    if tc.init_from and ckpt is None:
+        init_weights(model, Path(tc.init_from))
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         loader.load_state_dict(state["loader"])
