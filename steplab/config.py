@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: torch default
     tensorboard: bool = False
+    parallel: str = "auto"  # under torchrun: fsdp (default) | ddp; ignored in a single process
     init_from: str = ""  # a run directory (e.g. from `steplab import hf`) whose weights start this run
 
 
@@ -140,6 +141,7 @@ class RunConfig:
         _choice("train.dtype", t.dtype, ("bf16", "fp32"))
         _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
         return self
 
 

@@ -1,6 +1,8 @@
 """Helpers for the serving tests: one tiny trained run per test process, and uvicorn in a background thread."""
 from __future__ import annotations
 
+import atexit
+import shutil
 import socket
 import tempfile
 import threading
@@ -23,6 +25,7 @@ def tiny_run() -> Path:
             import torch
 
             tmp = Path(tempfile.mkdtemp(prefix="steplab-serve-test-"))
+            atexit.register(shutil.rmtree, tmp, True)
             prepare_data("stdlib", tmp / "data", vocab_size=512, max_bytes=300_000, progress=False)
             # One thread: a tiny model gains nothing from two, and on a busy 2-core machine spinning OpenMP
             # threads can make it many times slower. The process-wide setting is restored afterwards.

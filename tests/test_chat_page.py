@@ -74,6 +74,9 @@ def test_chat_page_streams_a_reply(server, browser):
     max_tokens = browser.find_element(By.ID, "max_tokens")
     max_tokens.clear()
     max_tokens.send_keys("60")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")  # greedy: the same reply every run
     box = browser.find_element(By.ID, "input")
     box.send_keys("def main():")
     browser.find_element(By.ID, "send").click()

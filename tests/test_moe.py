@@ -121,27 +121,29 @@ def test_bias_selects_but_does_not_weight():
     torch.testing.assert_close(gates, picked / picked.sum(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
-def test_bias_update_balances_a_skewed_router(score):
+@pytest.mark.parametrize("score,rate,steps", [("sigmoid", 5e-3, 150), ("softmax", 2e-2, 300)])
+def test_bias_update_balances_a_skewed_router(score, rate, steps):
     """Expert 0 starts with every token; the aux-loss-free bias alone (router frozen) must balance the load."""
     torch.manual_seed(0)
-    cfg = moe_cfg(n_experts=8, top_k=2, n_shared=0, d_expert=16, score=score, bias_update_rate=3e-3)
+    cfg = moe_cfg(n_experts=8, top_k=2, n_shared=0, d_expert=16, score=score, bias_update_rate=rate)
     moe = MoE(cfg).train()
     with torch.no_grad():
         moe.router.weight.copy_(torch.randn(8, 32) / 32 ** 0.5)
         moe.router.weight[0] += (1.0 if score == "sigmoid" else 0.5) * torch.ones(32) / 32 ** 0.5
     g = torch.Generator().manual_seed(1)
     history = []
-    with torch.no_grad():
-        for _ in range(300):
-            moe(torch.randn(16, 128, 32, generator=g) + 1.0)  # inputs share a mean direction expert 0 likes
-            history.append(moe.update_bias())
-    assert history[0]["load_max_mean"] > 3.0  # deliberately skewed: expert 0 takes (nearly) all tokens
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny steps: thread wake-ups would dominate on a busy machine
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                moe(torch.randn(16, 128, 32, generator=g) + 1.0)  # inputs share a mean direction expert 0 likes
+                history.append(moe.update_bias())
+    finally:
+        torch.set_num_threads(threads)
+    assert history[0]["load_max_mean"] > 2.5  # deliberately skewed: expert 0 takes (nearly) every token
     tail = [h["load_max_mean"] for h in history[-50:]]
-    if score == "sigmoid":
-        assert max(tail) <= 1.2, tail
-    else:  # softmax scores are coupled and small, so a fixed bias step jitters more around balance
-        assert sum(tail) / len(tail) <= 1.2, tail
+    assert max(tail) <= 1.2, tail
     assert history[-1]["entropy"] > 0.99 and abs(float(moe.expert_bias.sum())) < 1e-4  # centred
     assert int(moe.load.sum()) == 0  # counts reset after each update
 
@@ -214,6 +216,7 @@ def moe_run_cfg(data, steps: int, **extra):
         "model.moe.bias_update_rate": 1e-2, "model.moe.aux_loss_coef": 1e-3, "model.moe.z_loss_coef": 1e-4,
         "train.batch_size": 4, "train.max_steps": steps, "train.warmup_steps": 2, "train.eval_every": 1000,
         "train.eval_batches": 2, "train.ckpt_every": 4, "train.lr": 3e-3, "train.keep_last": 10,
+        "train.schedule": "constant",  # a 4-step run is then a prefix of the 8-step run (cosine depends on max_steps)
     }
     base.update(extra)
     return resolve(overrides=[f"{k}={v}" for k, v in base.items()])

@@ -111,6 +111,26 @@ def test_engine_seeded_sampling_matches_generate_and_ignores_neighbours(loaded):
     assert alone == ref and crowded == ref
 
 
+def test_engine_serves_moe_models(loaded):
+    pytest.importorskip("steplab.models.moe")
+    import torch
+
+    from steplab.config import ModelConfig, MoEConfig
+    from steplab.models import build_model
+
+    _, _, tok = loaded
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=4, max_seq_len=128,
+                      moe=MoEConfig(n_experts=4, top_k=2, n_shared=1))
+    model = build_model(cfg).eval()
+    prompts = [_ids(tok, p) for p in ["def f(", "import os", "x"]]
+    ref = [generate(model, [p], SamplingParams(max_new_tokens=20, temperature=0))[0] for p in prompts]
+    with Engine(model, tok, max_batch=4) as engine:
+        assert [engine.generate(Request(p, 20, temperature=0))[0].tokens for p in prompts] == ref
+        handles = [engine.submit(Request(p, 20, temperature=0)) for p in prompts]
+        assert [[t for ev in h for t in ev.tokens] for h in handles] == ref
+
+
 def test_engine_queue_full_and_cancel_frees_slot(loaded):
     _, model, tok = loaded
     with Engine(model, tok, max_batch=1, max_queue=1) as engine:
@@ -299,6 +319,9 @@ def test_auth_errors(server):
     ({"model": MODEL, "messages": "hi"}, "messages"),
     ({"messages": CHAT}, "model"),
     ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"model": MODEL, "messages": CHAT, "stream": "sometimes"}, "stream"),
+    ({"model": MODEL, "messages": CHAT, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"model": MODEL, "messages": CHAT, "n": 9}, None),  # more choices than batch slots
 ])
 def test_invalid_fields_are_400(server, body, param):

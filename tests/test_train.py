@@ -96,9 +96,17 @@ def test_damaged_checkpoints_are_reported_and_nothing_is_lost(tiny_data, tmp_pat
     weights.write_bytes(original[: len(original) // 2])  # truncated
     with pytest.raises(CheckpointError, match="corrupted.*fall back to the previous checkpoint"):
         load_run(run)
-    (latest / "optimizer.pt").unlink()  # partial: a file missing
-    with pytest.raises(CheckpointError, match="incomplete: missing optimizer.pt"):
+    with pytest.raises(CheckpointError, match="corrupted"):
         train(cfg, run, resume=True, progress=False)
+    shard = next((latest / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated optimizer/model shard
+    weights.write_bytes(original)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train(cfg, run, resume=True, progress=False)
+    (latest / "dcp" / ".metadata").unlink()  # partial: a file missing
+    with pytest.raises(CheckpointError, match=r"incomplete: missing dcp/.metadata"):
+        train(cfg, run, resume=True, progress=False)
+    weights.write_bytes(original[: len(original) // 2])
     assert weights.read_bytes() == original[: len(original) // 2]  # left for the user to inspect, not overwritten
     # An interrupted save leaves only a hidden temp dir, which never counts as a checkpoint.
     (run / "checkpoints" / ".tmp-abc").mkdir()

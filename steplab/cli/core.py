@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-3")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: data parallel or FSDP2 sharding (default fsdp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -106,7 +107,7 @@ def cmd_train(args) -> int:
     from steplab.config import resolve
     from steplab.train.trainer import train
 
-    overrides = list(args.set) + ([f"data.path={args.data}"] if args.data else [])
+    overrides = list(args.set) + ([f"data.path={args.data}"] if args.data else []) + ([f"train.parallel={args.parallel}"] if args.parallel else [])
     if args.resume and not args.preset and not args.config:
         from pathlib import Path
 

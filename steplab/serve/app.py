@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -32,13 +33,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steplab.infer.engine import (ContextLengthError, Engine, EngineStoppedError, Event, QueueFullError, Request,
+from steplab.infer.engine import (ContextLengthError, Engine, EngineStoppedError, QueueFullError, Request,
                                   chat_stop_ids, encode_chat)
 from steplab.serve.auth import KeyChecker, RateLimiter, parse_rate
 from steplab.serve.schema import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("steplab.serve")
 STATIC = Path(__file__).parent / "static"
+_TYPE_TAGS = {"body", "str", "int", "float", "bool", "none", "list", "dict"}
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -60,9 +62,10 @@ def error_response(e: APIError) -> JSONResponse:
 
 def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
     first = e.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    # pydantic puts the union member in the location (e.g. "str"); keep only the field path
-    param = ".".join(p for p in loc if not p.startswith(("list[", "str", "int", "function-"))) or None
+    # pydantic puts union members and validators in the location ("str", "list[int]", "function-after[...]"):
+    # keep only the field path, e.g. "messages.0.role"
+    loc = [str(part) for part in first.get("loc", ())]
+    param = ".".join(p for p in loc if re.fullmatch(r"[A-Za-z_]\w*|\d+", p) and p not in _TYPE_TAGS) or None
     return APIError(400, f"invalid value for '{param or 'body'}': {first.get('msg', 'invalid')}", param=param, code="invalid_value")
 
 
@@ -368,7 +371,10 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     # -- routes
     @app.get("/", include_in_schema=False)
     async def index():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={
+            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"})
 
     @app.get("/health")
     async def health():

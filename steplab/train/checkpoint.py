@@ -1,26 +1,34 @@
-"""Checkpoints: safetensors weights + optimizer + RNG + data position, written atomically, keep-last-k.
+"""Checkpoints: safetensors weights + sharded model/optimizer state + RNG + data position, written atomically.
 
-A checkpoint is a directory ``checkpoints/step_00000100/`` holding ``model.safetensors``, ``optimizer.pt``
-and ``state.json``. It is assembled under a temporary name and renamed into place only when every file is
-written and synced, so a crash mid-write leaves the previous checkpoint as the latest complete one and a
-``.tmp`` directory that the next save clears away.
+A checkpoint is a directory ``checkpoints/step_00000100/`` holding
+
+- ``model.safetensors``: the full weights, for sampling, serving and export;
+- ``dcp/``: model and optimizer state through ``torch.distributed.checkpoint``, one file per rank, which
+  reshards on load, so a run saved by K processes resumes in any number of processes (one included);
+- ``rng.pt`` and ``state.json`` (step, data loader position, training seconds).
+
+It is assembled under a hidden temporary name and renamed into place only when every file is written and
+synced, so a crash mid-write leaves the previous checkpoint as the latest complete one.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 from steplab.errors import CheckpointError
 
-FILES = ("model.safetensors", "optimizer.pt", "state.json")
+FILES = ("model.safetensors", "state.json", "rng.pt", "dcp/.metadata")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -40,6 +48,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")) + [path]:
+        _fsync_dir(p)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -48,69 +61,115 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: tied weights once (safetensors refuses shared storage), contiguous, on CPU."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (a collective under FSDP); tied weights once, as safetensors requires."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
 
 
+def _quiet_dcp(fn, *args, **kwargs):
+    # DCP warns that it assumes a single process when no process group exists: that is what we want.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        return fn(*args, **kwargs)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep_last: int = 2) -> Path:
+                    state: dict[str, Any], keep_last: int = 2, dist_info=None) -> Path:
+    """Collective under torchrun: every rank writes its shard; rank 0 writes the rest and renames."""
+    from steplab.train.distributed import barrier
+
+    main = dist_info is None or dist_info.is_main
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for name in FILES:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+    tmp = root / f".tmp-step_{step:08d}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier(dist_info)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _quiet_dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    weights = full_weights(model)
     final = root / f"step_{step:08d}"
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it only once the new one is whole
-        old = root / f".tmp-old-{final.name}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    if main:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (after a resume): swap only once the new one is whole
+            old = root / f".tmp-old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    barrier(dist_info)
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore weights (and optimizer + RNG when given); return state.json. Damage -> CheckpointError."""
-    path = Path(path)
-    hint = f"delete {path} to fall back to the previous checkpoint, or start a new run"
-    missing = [name for name in (FILES if optimizer is not None else FILES[:1] + FILES[2:]) if not (path / name).is_file()]
+def _check_files(path: Path, names) -> None:
+    missing = [name for name in names if not (path / name).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; {hint}")
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; {_hint(path)}")
+
+
+def _hint(path: Path) -> str:
+    return f"delete {path} to fall back to the previous checkpoint, or start a new run"
+
+
+def _check_shapes(path: Path, model: torch.nn.Module) -> None:
+    """Compare the saved tensor shapes with the model's before loading anything (cheap: header only)."""
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); {hint}") from None
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); {_hint(path)}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(model.cfg, "tie_embeddings", False):
-        weights["lm_head.weight"] = weights["tok_emb.weight"]
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    got = {k: v.shape for k, v in weights.items()}
+        expected.pop("lm_head.weight", None)
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise CheckpointError(f"checkpoint {path} does not match the model config (first differences: {diff[:3]}); "
                               f"was it written by another config?")
-    model.load_state_dict(weights)
-    if optimizer is not None:
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore weights (and, with an optimizer, optimizer + RNG for resuming); return state.json.
+
+    Resuming reads the sharded ``dcp/`` state, resharding to this run's world size; weights alone come from
+    ``model.safetensors``. Damage of either kind is a CheckpointError naming the checkpoint.
+    """
+    path = Path(path)
+    _check_files(path, FILES if optimizer is not None else ("model.safetensors", "state.json"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}/state.json is corrupted ({e}); {_hint(path)}") from None
+    _check_shapes(path, model)
+    if optimizer is None:
         try:
-            extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for truncated or garbled pickles
-            raise CheckpointError(f"checkpoint {path}/optimizer.pt is corrupted ({type(e).__name__}); {hint}") from None
-        optimizer.load_state_dict(extra["optimizer"])
-        _set_rng_state(extra["rng"])
+            weights = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); {_hint(path)}") from None
+        if getattr(model.cfg, "tie_embeddings", False):
+            weights["lm_head.weight"] = weights["tok_emb.weight"]
+        model.load_state_dict(weights)
+        return state
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        _quiet_dcp(dcp.load, {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except (Exception, CheckpointException) as e:  # many types for truncated or garbled files; DCP's is a BaseException
+        raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {str(e)[:200]}); {_hint(path)}") from None
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    _set_rng_state(rng)
     return state
 
 

@@ -23,6 +23,7 @@ from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
 from steplab.models import build_model, count_params, flops_per_token
+from steplab.train.distributed import barrier, init_distributed, mean_across_ranks, uses_autocast, wrap_model
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
@@ -70,7 +71,10 @@ def init_weights(model: torch.nn.Module, source: Path) -> None:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; return the summary (also written to ``summary.json``)."""
+    """Train ``cfg`` into ``run_dir``; return the summary (also written to ``summary.json``).
+
+    Under torchrun every rank calls this; rank 0 alone writes logs, plots and the summary.
+    """
     run_dir = Path(run_dir)
     tc = cfg.train
     tokenizer, train_shards, val_shards, meta = load_prepared(cfg.data.path)
@@ -79,44 +83,48 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     cfg.validate(special_tokens=len(tokenizer.special_ids))
-    prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume)
 
-    device = resolve_device(tc.device)
-    device_type = torch.device(device).type
+    device_type = torch.device(resolve_device(tc.device)).type
+    info = init_distributed(tc.parallel, device_type)
+    device = info.device if info.enabled else resolve_device(tc.device)
+    if tc.batch_size % info.world_size:
+        raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; use a multiple")
+    if info.is_main:
+        prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume)
+    barrier(info)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, tc, device_type)
-    loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
 
-    start_step, prior_seconds, skipped = 0, 0.0, 0
+    torch.manual_seed(tc.seed)  # every rank builds the same initial weights
+    model = build_model(cfg.model).to(device)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if tc.init_from and ckpt is None:
         init_weights(model, Path(tc.init_from))
+    train_module = wrap_model(model, info, tc.dtype, device_type)
+    optimizer = build_optimizer(model, tc, device_type)
+    loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+    start_step, prior_seconds, skipped = 0, 0.0, 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         loader.load_state_dict(state["loader"])
         start_step, prior_seconds, skipped = state["step"], state["train_seconds"], state.get("skipped_steps", 0)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None,
-                     tensorboard_dir=run_dir / "tb" if tc.tensorboard else None)
-    step_fn = torch.compile(model) if tc.compile else model
+                     tensorboard_dir=run_dir / "tb" if tc.tensorboard else None) if info.is_main else None
+    step_fn = torch.compile(train_module) if tc.compile else train_module
+    autocast = uses_autocast(info, tc.dtype)
 
-    params = count_params(cfg.model)
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_flops(device_type, tc.dtype)
+    params, flops = count_params(cfg.model), flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(device_type, tc.dtype) * info.world_size
     token_bytes = token_byte_lengths(tokenizer)
     tokens_per_step = cfg.tokens_per_step
+    rows = slice(info.rank * tc.batch_size // info.world_size, (info.rank + 1) * tc.batch_size // info.world_size)
 
     def run_eval() -> dict[str, float]:
         batches = iter_eval_batches(val_shards, cfg.data.seq_len, tc.batch_size, max_batches=tc.eval_batches)
         return evaluate(model, batches, token_bytes, device=device, dtype=tc.dtype)
 
-    def checkpoint(step: int, seconds: float) -> None:
-        save_checkpoint(run_dir, step, model, optimizer, {"loader": loader.state_dict(), "train_seconds": seconds,
-                                                         "skipped_steps": skipped}, keep_last=tc.keep_last)
-
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=not (progress and info.is_main),
+               dynamic_ncols=True)
     model.train()
     train_seconds, last = prior_seconds, {}
     for step in range(start_step, tc.max_steps):
@@ -126,24 +134,26 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             group["lr"] = lr
         loss_sum, extra_stats = 0.0, {}
         for _ in range(tc.grad_accum):
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device_type, tc.dtype):
+            x, y = loader.next_batch()  # the global batch; this rank trains on its rows
+            x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
+            with autocast_context(device_type, "bf16" if autocast else "fp32"):
                 loss = step_fn(x, y)
             (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
-        loss_value = loss_sum / tc.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
+        loss_value = mean_across_ranks(loss_sum / tc.grad_accum, info)
+        grad_norm = clip_gradients(model, tc.grad_clip)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if tc.nan_policy == "stop":
-                log.close()
                 bar.close()
-                last_ckpt = latest_checkpoint(run_dir)
+                if log:
+                    log.close()
                 raise TrainingError(f"loss became {loss_value} (grad norm {grad_norm}) at step {step + 1} with lr {lr:.3g}; "
-                                    f"the last good checkpoint is {last_ckpt or 'none'}. Lower train.lr, or set train.nan_policy=skip")
+                                    f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. "
+                                    f"Lower train.lr, or set train.nan_policy=skip")
             skipped += 1
-            log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
+            if log:
+                log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -161,17 +171,32 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         if (step + 1) % tc.eval_every == 0 or done:
             last = run_eval()
             record.update(last)
-        if (step + 1) % tc.log_every == 0 or "val_loss" in record or done:
+        if log and ((step + 1) % tc.log_every == 0 or "val_loss" in record or done):
             log.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
         if (step + 1) % tc.ckpt_every == 0 or done:
-            checkpoint(step + 1, train_seconds)
+            save_checkpoint(run_dir, step + 1, model, optimizer, {"loader": loader.state_dict(), "train_seconds": train_seconds,
+                                                                  "skipped_steps": skipped}, keep_last=tc.keep_last, dist_info=info)
     bar.close()
-    log.close()
     if not last:  # resumed at the very end: nothing left to train, evaluate once more for the summary
         last = run_eval()
-    return write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped)
+    summary = None
+    if log:
+        log.close()
+        summary = write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped)
+    barrier(info)
+    if summary is None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return summary
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to ``max_norm`` (0: measure only) and return the global norm; under FSDP2 the norm is a DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train_seconds, peak, skipped) -> dict[str, Any]:

@@ -1,0 +1,416 @@
+"""``steplab law sweep``: a grid of small training runs, run in a local process pool, resumable, -> a runs table.
+
+A grid is a TOML file (or the same dict in Python)::
+
+    sizes  = ["step1-nano", {d_model = 64, n_layer = 2, n_head = 2}]  # presets or model shapes
+    tokens = [1e6, 2e6, 4e6]              # training-token budgets D
+    lr     = ["steplaw"]                  # numbers, "steplaw" or "steplaw*0.5" (Step Law per (N, D))
+    batch_tokens = ["steplaw"]            # tokens per optimizer step: numbers or "steplaw[*x]"
+    seeds  = [0]
+    warmup_fraction = 0.05                # warmup steps = this fraction of each run's steps
+    eval_tokens = 131072                  # validation tokens per run (the same windows for every run)
+    [fixed]                               # overrides for every run, nested like a train config
+    data  = {seq_len = 256}
+    train = {dtype = "bf16"}              # a fixed train.batch_size is the micro-batch (grad_accum reaches the batch)
+
+Every point of ``sizes x tokens x lr x batch_tokens x seeds`` becomes one run of ``steplab.train.trainer.train``.
+Run ids are made from the grid point alone (size label, D, lr, batch, seed and a hash of the resolved
+config and of the dataset), so the same grid always maps to the same directories:
+
+    OUT/runs/<run id>/   a complete run directory (config, metrics, checkpoints, summary.json)
+    OUT/runs.csv         one row per finished run (``load_table(..., adapter="runs")`` reads it)
+    OUT/runs.jsonl       the same rows as JSON lines
+    OUT/sweep.json       the grid and every run's resolved config
+
+Resuming is the default: a run with ``summary.json`` is finished and skipped; a run directory without one
+(a crash, a kill, Ctrl-C) is continued from its latest checkpoint with ``resume=True``; a run that failed
+with a training error (divergence) leaves ``failed.json`` and is not retried unless ``retry_failed``.
+The tables are rewritten atomically after every finished run, so they are complete at any moment.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steplab.errors import ConfigError, StepLabError
+from steplab.utils import atomic_write_json, atomic_write_text
+
+GRID_KEYS = {"sizes", "tokens", "lr", "batch_tokens", "seeds", "fixed", "warmup_fraction", "eval_tokens",
+             "ckpt_every_fraction", "name"}
+# Columns first in the runs table, in this order; any other summary key follows alphabetically.
+TABLE_COLUMNS = ["run", "size", "N", "N_active", "D", "C", "loss", "val_loss", "val_bpb", "train_loss_smoothed",
+                 "train_loss_final", "lr", "lr_rule", "batch_tokens", "batch_rule", "batch_sequences", "seq_len",
+                 "steps", "seed", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "n_experts", "top_k",
+                 "params_total", "C_6ND", "C_model", "tokens_target", "train_seconds", "tok_per_s", "mfu", "dataset"]
+
+
+@dataclass
+class SweepRun:
+    run_id: str
+    size: str
+    config: dict[str, Any]      # the full resolved RunConfig as a nested dict
+    point: dict[str, Any]       # grid-point descriptors that go into the table (size, rules, target D)
+    cost: float                 # model FLOPs of the run, for the progress bar and scheduling
+
+
+@dataclass
+class SweepResult:
+    table: Path
+    finished: list[str] = field(default_factory=list)   # ran to completion in this call
+    skipped: list[str] = field(default_factory=list)    # already finished before this call
+    failed: dict[str, str] = field(default_factory=dict)  # run id -> error
+
+
+# ------------------------------------------------------------------------------------------- grids
+
+def load_grid(grid: str | os.PathLike | dict) -> dict[str, Any]:
+    """A grid dict from a TOML/JSON file or a dict; unknown keys are an error (a typo would change nothing)."""
+    if isinstance(grid, dict):
+        spec = copy.deepcopy(grid)
+    else:
+        path = Path(grid)
+        if not path.is_file():
+            raise ConfigError(f"sweep grid {path} does not exist; write a TOML file with sizes, tokens, lr, batch_tokens")
+        try:
+            spec = tomllib.loads(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse sweep grid {path}: {e}") from None
+    if isinstance(spec.get("grid"), dict):  # also accept everything under a [grid] table
+        spec = {**spec.pop("grid"), **spec}
+    unknown = set(spec) - GRID_KEYS
+    if unknown:
+        raise ConfigError(f"sweep grid: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(GRID_KEYS))}")
+    for key in ("sizes", "tokens"):
+        if not isinstance(spec.get(key), list) or not spec[key]:
+            raise ConfigError(f"sweep grid: '{key}' must be a non-empty list")
+    for key, default in (("lr", ["steplaw"]), ("batch_tokens", ["steplaw"]), ("seeds", [0])):
+        value = spec.get(key, default)
+        spec[key] = value if isinstance(value, list) else [value]
+        if not spec[key]:
+            raise ConfigError(f"sweep grid: '{key}' must not be empty")
+    spec.setdefault("fixed", {})
+    spec.setdefault("warmup_fraction", 0.05)
+    spec.setdefault("eval_tokens", 131072)
+    spec.setdefault("ckpt_every_fraction", 0.25)
+    return spec
+
+
+_RULE = re.compile(r"^\s*(?:steplaw\s*(?:\*\s*([0-9.eE+-]+))?|([0-9.eE+-]+)\s*\*\s*steplaw)\s*$")
+
+
+def _rule_factor(value: Any, what: str) -> float | None:
+    """``"steplaw"`` -> 1.0, ``"steplaw*0.5"``/``"0.5*steplaw"`` -> 0.5; a number -> None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"sweep grid: {what} = {value!r} must be positive")
+        return None
+    m = _RULE.match(str(value))
+    if not m:
+        raise ConfigError(f"sweep grid: {what} = {value!r}; give a number, 'steplaw' or 'steplaw*FACTOR'")
+    factor = float(m.group(1) or m.group(2) or 1.0)
+    if not factor > 0:
+        raise ConfigError(f"sweep grid: {what} = {value!r}: the factor must be positive")
+    return factor
+
+
+def _size_layer(size: Any) -> tuple[str, dict[str, Any], str | None]:
+    """(label, model overrides, preset) of one ``sizes`` entry."""
+    if isinstance(size, str):
+        return size, {}, size
+    if not isinstance(size, dict):
+        raise ConfigError(f"sweep grid: size {size!r} must be a preset name or a table of model settings")
+    size = dict(size)
+    preset = size.pop("preset", None)
+    name = size.pop("name", None)
+    if name is None:
+        short = {"d_model": "d", "n_layer": "l", "n_head": "h", "n_kv_head": "kv", "d_ff": "f"}
+        name = (preset + "-" if preset else "") + "".join(f"{short[k]}{v}" for k, v in size.items() if k in short)
+        name = name or "default"
+    return str(name), size, preset
+
+
+def _short(x: float) -> str:
+    """Compact, filename-safe number: 2000000 -> 2M, 0.003 -> 3e-3, 4096 -> 4096."""
+    if x >= 1e5:
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if x >= scale:
+                return f"{x / scale:.4g}{unit}"
+    if x >= 1:
+        return f"{x:.4g}"
+    mant, exp = f"{x:.2e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def _data_fingerprint(data_path: str | None) -> tuple[dict[str, Any], str]:
+    """meta.json of the prepared dataset (vocab, token counts) and a short hash of it."""
+    if not data_path:
+        return {}, "nodata"
+    meta_file = Path(data_path) / "meta.json"
+    if not meta_file.is_file():
+        raise ConfigError(f"sweep: {data_path} is not a prepared dataset (no meta.json); run `steplab data prepare`")
+    meta = json.loads(meta_file.read_text())
+    keep = {k: meta.get(k) for k in ("source", "max_bytes", "seed", "val_fraction", "vocab_size")}
+    keep["train_tokens"], keep["val_tokens"] = meta["train"]["tokens"], meta["val"]["tokens"]
+    return meta, hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) -> list[SweepRun]:
+    """Every run of the grid with its resolved config, in grid order; validates all of them first."""
+    from steplab.config import RunConfig, _deep_update, _preset_dict
+    from steplab.law.hparams import suggest
+    from steplab.models import count_params, flops_per_token
+
+    spec = load_grid(grid)
+    meta, data_hash = _data_fingerprint(data_path)
+    vocab = int(meta.get("vocab_size") or 4096)
+    val_tokens = meta.get("val", {}).get("tokens")
+    runs: list[SweepRun] = []
+    seen: dict[str, int] = {}
+    for size in spec["sizes"]:
+        label, model_layer, preset = _size_layer(size)
+        base = _preset_dict(preset) if preset else {}
+        base = _deep_update(base, spec["fixed"])
+        base = _deep_update(base, {"model": model_layer})
+        if data_path:
+            base = _deep_update(base, {"data": {"path": str(data_path)}})
+        probe = RunConfig.from_dict(base)
+        N = count_params(probe.model)["N"]  # total N for MoE: Step Law's lr follows total N (docs/scaling_laws.md)
+        seq_len = probe.data.seq_len
+        for D in spec["tokens"]:
+            if not (isinstance(D, (int, float)) and not isinstance(D, bool) and D >= seq_len):
+                raise ConfigError(f"sweep grid: token budget {D!r} must be a number of at least one sequence ({seq_len})")
+            law = suggest(N, float(D), seq_len)
+            for lr_v in spec["lr"]:
+                lr_f = _rule_factor(lr_v, "lr")
+                lr = law["lr"] * lr_f if lr_f else float(lr_v)
+                for bt_v in spec["batch_tokens"]:
+                    bt_f = _rule_factor(bt_v, "batch_tokens")
+                    target_bt = law["batch_tokens"] * bt_f if bt_f else float(bt_v)
+                    for seed in spec["seeds"]:
+                        runs.append(_make_run(spec, base, label, N, float(D), lr, lr_v, lr_f, target_bt, bt_v, bt_f,
+                                              int(seed), seq_len, vocab, val_tokens, data_hash, flops_per_token))
+    for r in runs:
+        if r.run_id in seen:
+            raise ConfigError(f"sweep grid: two grid points resolve to the same run ({r.run_id}); remove the duplicate")
+        seen[r.run_id] = 1
+    return runs
+
+
+def _make_run(spec, base, label, N, D, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, seq_len, vocab, val_tokens,
+              data_hash, flops_per_token) -> SweepRun:
+    from steplab.config import RunConfig, _deep_update
+
+    fixed_train = spec["fixed"].get("train", {})
+    micro = int(fixed_train.get("batch_size", 0)) or None
+    seqs = max(1, round(target_bt / seq_len))
+    if micro and seqs > micro:  # a fixed micro-batch: reach the batch by gradient accumulation
+        accum = max(1, round(seqs / micro))
+        batch_size = micro
+    else:
+        accum, batch_size = 1, seqs
+    batch_tokens = batch_size * accum * seq_len
+    steps = max(1, round(D / batch_tokens))
+    train = {"lr": lr, "batch_size": batch_size, "grad_accum": accum, "max_steps": steps, "seed": seed}
+    if "warmup_steps" not in fixed_train:
+        train["warmup_steps"] = max(1, round(spec["warmup_fraction"] * steps))
+    if "eval_every" not in fixed_train:
+        train["eval_every"] = steps  # one evaluation, at the end: that is the loss the table needs
+    if "eval_batches" not in fixed_train:
+        eval_tokens = spec["eval_tokens"] if val_tokens is None else min(spec["eval_tokens"], val_tokens)
+        train["eval_batches"] = max(1, math.ceil(eval_tokens / (batch_size * seq_len)))
+    if "ckpt_every" not in fixed_train:
+        train["ckpt_every"] = max(1, math.ceil(spec["ckpt_every_fraction"] * steps))
+    if "keep_last" not in fixed_train:
+        train["keep_last"] = 1
+    if "log_every" not in fixed_train:
+        train["log_every"] = max(1, steps // 200)
+    raw = _deep_update(base, {"train": train})
+    cfg = RunConfig.from_dict(raw).validate()
+    d = cfg.to_dict()
+    hashed = copy.deepcopy(d)
+    hashed["data"].pop("path", None)  # the dataset enters through its fingerprint, not its location
+    digest = hashlib.sha256((json.dumps(hashed, sort_keys=True) + data_hash).encode()).hexdigest()[:6]
+    run_id = f"{label}-D{_short(D)}-lr{_short(lr)}-b{_short(batch_tokens)}" + (f"-s{seed}" if seed else "") + f"-{digest}"
+    run_id = re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id)
+    m = cfg.model
+    model_for_flops = copy.deepcopy(m)
+    model_for_flops.vocab_size = m.vocab_size or vocab
+    cost = flops_per_token(model_for_flops, seq_len)["model"] * steps * batch_tokens
+    point = {"size": label, "tokens_target": D, "lr_rule": _rule_text(lr_v, lr_f), "batch_rule": _rule_text(bt_v, bt_f),
+             "seed": seed, "d_model": m.d_model, "n_layer": m.n_layer, "n_head": m.n_head, "n_kv_head": m.n_kv_head,
+             "d_ff": m.d_ff, "n_experts": m.moe.n_experts, "top_k": m.moe.top_k if m.moe.n_experts else 0}
+    return SweepRun(run_id, label, d, point, cost)
+
+
+def _rule_text(value, factor) -> str:
+    return "fixed" if factor is None else ("steplaw" if factor == 1 else f"steplaw*{factor:g}")
+
+
+# --------------------------------------------------------------------------------------- running
+
+def _train_one(cfg_dict: dict, run_dir: str, threads: int) -> dict:
+    """Worker: train (or resume) one run. Training errors come back as data, so one diverged run does
+    not stop the sweep; anything else (a bug, out of memory) propagates."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from steplab.config import RunConfig
+    from steplab.train.trainer import train
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    resume = Path(run_dir).exists()
+    try:
+        return {"ok": True, "summary": train(cfg, run_dir, resume=resume, progress=False), "resumed": resume}
+    except StepLabError as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "resumed": resume}
+
+
+def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, data_path: str | os.PathLike,
+              workers: int = 1, threads: int | None = None, progress: bool = True, retry_failed: bool = False,
+              return_result: bool = False):
+    """Run every grid point not yet finished; return the path of ``runs.csv`` (or a SweepResult).
+
+    ``workers`` processes (spawn) train in parallel, each with ``threads`` torch threads (default: the
+    cores this process may use, divided by ``workers``). ``workers=0`` trains in this process (debugging).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    data_path = str(data_path)
+    runs = expand_grid(grid, data_path)
+    spec = load_grid(grid)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    meta, _ = _data_fingerprint(data_path)
+    dataset = f"{meta.get('source', '?')}:{Path(data_path).name}"
+    atomic_write_json(out / "sweep.json", {"grid": spec, "data_path": data_path, "dataset": dataset,
+                                           "runs": {r.run_id: {"point": r.point, "config": r.config} for r in runs}})
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads or max(1, cores // max(1, workers))
+
+    result = SweepResult(out / "runs.csv")
+    rows: dict[str, dict] = {}
+    pending: list[SweepRun] = []
+    for r in runs:
+        run_dir = out / "runs" / r.run_id
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            rows[r.run_id] = _row(r, json.loads(summary.read_text()), dataset)
+            result.skipped.append(r.run_id)
+        elif (run_dir / "failed.json").is_file() and not retry_failed:
+            result.failed[r.run_id] = json.loads((run_dir / "failed.json").read_text()).get("error", "failed")
+        else:
+            (run_dir / "failed.json").unlink(missing_ok=True)
+            pending.append(r)
+    _write_tables(out, runs, rows)
+
+    # One worker: small runs first, so results arrive early; several: largest first (less idle at the end).
+    pending.sort(key=lambda r: r.cost, reverse=workers > 1)
+    bar = tqdm(total=sum(r.cost for r in pending), unit="FLOP", unit_scale=True, disable=not progress or not pending,
+               dynamic_ncols=True, desc=f"sweep {len(rows)}/{len(runs)} runs")
+    if progress:
+        tqdm.write(f"sweep: {len(runs)} runs, {len(rows)} finished already, {len(pending)} to train "
+                   f"({workers or 'in-process'} worker(s) x {threads} thread(s)) -> {out}")
+
+    def record(r: SweepRun, res: dict) -> None:
+        run_dir = out / "runs" / r.run_id
+        if res["ok"]:
+            rows[r.run_id] = _row(r, res["summary"], dataset)
+            result.finished.append(r.run_id)
+            _write_tables(out, runs, rows)
+            s = res["summary"]
+            msg = (f"  {r.run_id}: val loss {s['val_loss']:.4f}, {s['train_seconds']:.0f} s"
+                   + (" (resumed)" if res.get("resumed") else ""))
+        else:
+            atomic_write_json(run_dir / "failed.json", {"error": res["error"]})
+            result.failed[r.run_id] = res["error"]
+            msg = f"  {r.run_id}: FAILED ({res['error']})"
+        bar.update(r.cost)
+        bar.set_description(f"sweep {len(rows)}/{len(runs)} runs")
+        if progress:
+            tqdm.write(msg)
+
+    try:
+        if workers <= 0:
+            for r in pending:
+                record(r, _train_one(r.config, str(out / "runs" / r.run_id), threads))
+        elif pending:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx) as pool:
+                futures = {pool.submit(_train_one, r.config, str(out / "runs" / r.run_id), threads): r for r in pending}
+                try:
+                    for fut in cf.as_completed(futures):
+                        record(futures[fut], fut.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    if result.failed and progress:
+        tqdm.write(f"sweep: {len(result.failed)} run(s) failed; their directories hold failed.json "
+                   "(pass retry_failed / --retry-failed to try again)")
+    return result if return_result else result.table
+
+
+def _row(r: SweepRun, s: dict, dataset: str) -> dict:
+    row = {**r.point, **s}
+    row["run"] = r.run_id
+    row["C"] = s["C_6ND"]
+    row["loss"] = s["val_loss"]
+    row["dataset"] = dataset
+    return row
+
+
+def _write_tables(out: Path, runs: list[SweepRun], rows: dict[str, dict]) -> None:
+    """runs.csv + runs.jsonl: this grid's finished runs in grid order, then rows of other grids that an
+    earlier sweep into the same directory wrote (kept, so a directory can grow by several grids)."""
+    ordered = [rows[r.run_id] for r in runs if r.run_id in rows]
+    ids = {r.run_id for r in runs}
+    old = out / "runs.jsonl"
+    if old.is_file():
+        for line in old.read_text().splitlines():
+            if line.strip():
+                prev = json.loads(line)
+                if prev.get("run") not in ids:
+                    ordered.append(prev)
+    keys = [c for c in TABLE_COLUMNS if any(c in row for row in ordered)]
+    keys += sorted({k for row in ordered for k in row} - set(keys))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in ordered:
+        writer.writerow({k: _cell(row.get(k)) for k in keys})
+    atomic_write_text(out / "runs.jsonl", "".join(json.dumps(row) + "\n" for row in ordered))
+    atomic_write_text(out / "runs.csv", buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly
+    return "" if v is None else v
+
+
+def sweep_status(out_dir: str | os.PathLike, grid: str | os.PathLike | dict, data_path: str) -> dict[str, int]:
+    """How many runs of the grid are finished, failed, partial (to resume) or not started."""
+    out = Path(out_dir)
+    counts = {"finished": 0, "failed": 0, "partial": 0, "new": 0}
+    for r in expand_grid(grid, data_path):
+        d = out / "runs" / r.run_id
+        key = ("finished" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file()
+               else "partial" if d.exists() else "new")
+        counts[key] += 1
+    return counts
