@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from steplab.config import resolve
@@ -64,3 +65,18 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_back(single, tiny_data, tmp_
     roll_back(run, 2)
     torchrun(tiny_data, run, "fsdp", "--resume")
     assert losses(run) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_moe_under_fsdp_matches_single_process(tiny_data, tmp_path):
+    moe = ["--set=model.moe.n_experts=4", "--set=model.moe.top_k=2", "--set=model.moe.n_shared=1", "--set=model.moe.d_expert=32",
+           "--set=model.moe.bias_update_rate=0.01"]
+    torchrun(tiny_data, tmp_path / "fsdp", "fsdp", *moe)
+    single = resolve(overrides=overrides(tiny_data) + [m.removeprefix("--set=") for m in moe])
+    train(single, tmp_path / "single", progress=False)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    # The balancing biases moved, and identically to the single-process run (the counts were summed over ranks).
+    from steplab.train.checkpoint import load_run
+    _, a, _, _ = load_run(tmp_path / "fsdp")
+    _, b, _, _ = load_run(tmp_path / "single")
+    for (_, x), (_, y) in zip(a.moe_layers(), b.moe_layers()):
+        assert x.expert_bias.abs().sum() > 0 and torch.allclose(x.expert_bias, y.expert_bias)

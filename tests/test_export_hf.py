@@ -67,3 +67,33 @@ def test_import_then_continue_training(trained_run, tiny_data, tmp_path):
     train(fresh, tmp_path / "fresh", progress=False)
     first = lambda run: read_jsonl(run / "metrics.jsonl")[0]["loss"]
     assert first(tmp_path / "cont") < first(tmp_path / "fresh") - 0.3
+
+
+def test_moe_export_matches_glm4_moe_in_transformers(tiny_data, tmp_path):
+    moe = {"model.moe.n_experts": 4, "model.moe.top_k": 2, "model.moe.n_shared": 1, "model.moe.d_expert": 32,
+           "model.moe.score": "sigmoid", "model.moe.first_dense": 1, "model.n_layer": 3, "model.moe.bias_update_rate": 0.01}
+    run = tmp_path / "moe"
+    train(resolve(overrides=tiny_overrides(tiny_data, steps=6, **moe)), run, progress=False)
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(run), str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "glm4_moe"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    _, ours, tokenizer, _ = load_run(run)
+    assert any(m.expert_bias.abs().sum() > 0 for _, m in ours.moe_layers())  # balancing moved the biases
+    ids = [tokenizer.bos_id] + tokenizer.encode("import sys\nprint(sys.argv)\n")
+    with torch.no_grad():
+        assert (ours(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item() < 1e-4
+    new = generate(ours, [ids], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert hf.generate(torch.tensor([ids]), max_new_tokens=len(new), do_sample=False, eos_token_id=None)[0, len(ids):].tolist() == new
+
+
+def test_moe_export_refuses_softmax_router(tiny_data, tmp_path):
+    run = tmp_path / "moe"
+    train(resolve(overrides=tiny_overrides(tiny_data, steps=2, **{"model.moe.n_experts": 4, "model.moe.score": "softmax"})),
+          run, progress=False)
+    from steplab.errors import CheckpointError
+    from steplab.export.hf import export_hf
+
+    with pytest.raises(CheckpointError, match="model.moe.score=sigmoid"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -86,6 +86,13 @@ def mean_across_ranks(value: float, info: DistInfo) -> float:
     return t.item() / info.world_size
 
 
+def sync_router_load(model: torch.nn.Module, info: DistInfo) -> None:
+    """Sum the MoE experts' token counts over ranks, so every rank moves its balancing bias identically."""
+    if info.enabled and hasattr(model, "moe_layers"):
+        for _, moe in model.moe_layers():
+            dist.all_reduce(moe.load)
+
+
 def barrier(info: DistInfo | None) -> None:
     if info is not None and info.enabled:
         dist.barrier()

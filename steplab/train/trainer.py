@@ -23,7 +23,8 @@ from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
 from steplab.models import build_model, count_params, flops_per_token
-from steplab.train.distributed import barrier, init_distributed, mean_across_ranks, uses_autocast, wrap_model
+from steplab.train.distributed import (barrier, init_distributed, mean_across_ranks, sync_router_load, uses_autocast,
+                                       wrap_model)
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
@@ -152,12 +153,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                                     f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. "
                                     f"Lower train.lr, or set train.nan_policy=skip")
             skipped += 1
+            if hasattr(model, "discard_router_stats"):  # MoE: the skipped step's expert counts must not move the bias
+                model.discard_router_stats()
             if log:
                 log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if hasattr(model, "after_optimizer_step"):  # e.g. MoE router-bias balancing; returns stats to log
+                sync_router_load(model, info)
                 extra_stats = model.after_optimizer_step() or {}
         if device_type == "cuda":
             torch.cuda.synchronize()
