@@ -10,7 +10,7 @@
    where not routed), a per-expert gather loop (HF "eager" style with our weights), transformers'
    ``Qwen2MoeSparseMoeBlock`` (eager and grouped_mm experts implementations), and a dense SwiGLU with the
    same active FLOPs as a floor.
-4. Peak memory of a training step (peak RSS over the process baseline, each model in its own subprocess):
+4. Peak memory of a training step (peak RSS, VmHWM, over the process baseline, each model in its own subprocess):
    MoE vs a dense model with the same TOTAL N (d_ff = (E + n_shared) * d_expert) and vs step1-SIZE.
 
     python bench/moe_vs_dense.py --quick          # ~2 min smoke run
@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
+from statistics import mean
 import subprocess
 import sys
 import tempfile
@@ -87,45 +86,53 @@ def prepare(data: str | None, cache: Path) -> Path:
 
 # ---- 1. quality and wall clock through the trainer --------------------------------------------------------
 
-def train_pair(size: str, data: Path, steps: int, threads: int, work: Path) -> dict[str, dict]:
+def train_pair(size: str, data: Path, steps: int, threads: int, seeds: int, work: Path) -> dict[str, dict]:
+    """Train step1-SIZE and step2-SIZE with the same data, tokens and hyper-parameters, for each seed."""
+    from steplab.train.metrics import read_jsonl
     from steplab.train.trainer import train
 
     out = {}
-    for name in (f"step1-{size}", f"step2-{size}"):
-        cfg = resolve(name, overrides=[
-            f"data.path={data}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}", f"train.max_steps={steps}",
-            f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_every={steps}", "train.eval_batches=40",
-            f"train.ckpt_every={steps}", "train.dtype=bf16", f"train.threads={threads}", "train.lr=3e-3"])
-        t0 = time.perf_counter()
-        s = train(cfg, work / name, progress=False)
-        from steplab.train.metrics import read_jsonl
-
-        last = read_jsonl(work / name / "metrics.jsonl")[-1]
-        out[name] = {"val_loss": s["val_loss"], "val_bpb": s["val_bpb"], "tok_per_s": s["tok_per_s"], "N": s["N"],
-                     "N_active": s["N_active"], "D": s["D"], "wall_s": time.perf_counter() - t0,
-                     "moe_stats": {k: v for k, v in last.items() if k.startswith("moe")}}
-        print(f"  trained {name}: val_loss {s['val_loss']:.4f}, {s['tok_per_s']:,.0f} tok/s", flush=True)
+    for seed in range(seeds):
+        for name in (f"step1-{size}", f"step2-{size}"):
+            cfg = resolve(name, overrides=[
+                f"data.path={data}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}", f"train.max_steps={steps}",
+                f"train.warmup_steps={max(1, steps // 20)}", f"train.eval_every={steps}", "train.eval_batches=40",
+                f"train.ckpt_every={steps}", "train.dtype=bf16", f"train.threads={threads}", "train.lr=3e-3", f"train.seed={seed}"])
+            s = train(cfg, work / f"{name}-seed{seed}", progress=False)
+            last = read_jsonl(work / f"{name}-seed{seed}" / "metrics.jsonl")[-1]
+            run = out.setdefault(name, {"N": s["N"], "N_active": s["N_active"], "D": s["D"], "val_loss": [], "val_bpb": [],
+                                        "tok_per_s": [], "moe_stats": []})
+            run["val_loss"].append(s["val_loss"])
+            run["val_bpb"].append(s["val_bpb"])
+            run["tok_per_s"].append(s["tok_per_s"])
+            run["moe_stats"].append({k: v for k, v in last.items() if k.startswith("moe")})
+            print(f"  trained {name} (seed {seed}): val_loss {s['val_loss']:.4f}, {s['tok_per_s']:,.0f} tok/s", flush=True)
     return out
 
 
 # ---- 2. interleaved step time -----------------------------------------------------------------------------
 
-def step_times(size: str, vocab: int, rounds: int) -> dict[str, dict[str, float]]:
+def step_times(size: str, data: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """One training step of each model in turn, on the same sequence of real batches."""
+    from steplab.data.loader import TokenLoader
+    from steplab.data.prepare import load_prepared
     from steplab.train.optim import build_optimizer
 
+    tokenizer, train_shards, _, _ = load_prepared(data)
     tc = preset(f"step1-{size}").train
     fns = {}
     for name in (f"step1-{size}", f"step2-{size}"):
         cfg = preset(name).model
-        cfg.vocab_size = vocab
+        cfg.vocab_size = tokenizer.vocab_size
         torch.manual_seed(0)
         model = build_model(cfg).train()
         opt = build_optimizer(model, tc, "cpu")
-        x = torch.randint(0, vocab, (BATCH, SEQ))
+        loader = TokenLoader(train_shards, SEQ, BATCH, seed=0)
 
-        def step(model=model, opt=opt, x=x):
+        def step(model=model, opt=opt, loader=loader):
+            x, y = loader.next_batch()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(x, x)
+                loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -133,7 +140,7 @@ def step_times(size: str, vocab: int, rounds: int) -> dict[str, dict[str, float]
                 model.after_optimizer_step()
 
         fns[name] = step
-    return interleaved(fns, rounds)
+    return interleaved(fns, rounds, warmup=3)
 
 
 # ---- 3. the MoE layer alone -------------------------------------------------------------------------------
@@ -208,11 +215,16 @@ def layer_bench(d: int, de: int, rounds: int) -> dict:
     max_diff = {k: (v - ref).abs().max().item() for k, v in checks.items()}
     hf_eager, hf_grouped = hf_block(moe, "eager"), hf_block(moe, "grouped_mm")
 
-    def fwd_bwd(fn, params):
+    # Each variant gets its own stream of fresh inputs, so routing (and the per-expert matrix shapes) changes
+    # every call as in training, and no variant reuses GEMM kernels another variant's shapes made oneDNN build.
+    def fwd_bwd(fn, params, seed):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = iter([torch.randn(BATCH, SEQ, d, generator=gen) for _ in range(rounds + 2)])  # made before timing
+
         def run():
             for p in params:
                 p.grad = None
-            xi = x.clone().requires_grad_()
+            xi = next(inputs).requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = fn(xi)
             y.float().backward(grad)
@@ -223,15 +235,16 @@ def layer_bench(d: int, de: int, rounds: int) -> dict:
             return moe(v)
 
     variants = {
-        "steplab grouped_mm (ours)": fwd_bwd(moe, list(moe.parameters())),
-        "steplab slice loop (fallback)": fwd_bwd(slice_loop, list(moe.parameters())),
-        "naive masked loop": fwd_bwd(lambda v: naive_masked(moe, v), list(moe.parameters())),
-        "per-expert gather loop": fwd_bwd(lambda v: gather_loop(moe, v), list(moe.parameters())),
-        "transformers Qwen2MoE eager": fwd_bwd(hf_eager, list(hf_eager.parameters())),
-        "transformers Qwen2MoE grouped_mm": fwd_bwd(hf_grouped, list(hf_grouped.parameters())),
-        "dense SwiGLU, same active FLOPs": fwd_bwd(dense, list(dense.parameters())),
+        "steplab grouped_mm (ours)": (moe, list(moe.parameters())),
+        "steplab slice loop (fallback)": (slice_loop, list(moe.parameters())),
+        "naive masked loop": (lambda v: naive_masked(moe, v), list(moe.parameters())),
+        "per-expert gather loop": (lambda v: gather_loop(moe, v), list(moe.parameters())),
+        "transformers Qwen2MoE eager": (hf_eager, list(hf_eager.parameters())),
+        "transformers Qwen2MoE grouped_mm": (hf_grouped, list(hf_grouped.parameters())),
+        "dense SwiGLU, same active FLOPs": (dense, list(dense.parameters())),
     }
-    return {"d_model": d, "d_expert": de, "times": interleaved(variants, rounds), "max_abs_diff_fp32": max_diff}
+    runs = {name: fwd_bwd(fn, params, seed) for seed, (name, (fn, params)) in enumerate(variants.items())}
+    return {"d_model": d, "d_expert": de, "times": interleaved(runs, rounds, warmup=2), "max_abs_diff_fp32": max_diff}
 
 
 class _fallback:
@@ -245,9 +258,14 @@ class _fallback:
 
 # ---- 4. peak memory, one subprocess per model ---------------------------------------------------------------
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def proc_status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB. VmHWM, unlike getrusage's ru_maxrss, starts afresh
+    in an exec'd child instead of inheriting the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_probe(cfg_json: str, threads: int) -> None:
@@ -261,7 +279,7 @@ def memory_probe(cfg_json: str, threads: int) -> None:
     x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # warm up the allocator and kernels on a tiny op
         torch.ones(8, 8) @ torch.ones(8, 8)
-    base = rss_mb()
+    base = proc_status_mb("VmRSS")
     model = build_model(cfg).train()
     opt = build_optimizer(model, preset("step1-nano").train, "cpu")
     for _ in range(3):
@@ -270,7 +288,7 @@ def memory_probe(cfg_json: str, threads: int) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = proc_status_mb("VmHWM")
     print(json.dumps({"base_mb": base, "peak_mb": peak, "delta_mb": peak - base, "params": sum(p.numel() for p in model.parameters())}))
 
 
@@ -298,7 +316,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short run: fewer steps and rounds (a smoke test, not a result)")
     ap.add_argument("--size", default="nano", choices=["nano", "micro", "mini"], help="preset size for training and memory")
     ap.add_argument("--steps", type=int, default=0, help="training steps per model (default 400, quick 30)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared machine a busy core makes "
+                    "2-thread OpenMP several times slower; use 2 on an idle 2-core machine)")
+    ap.add_argument("--seeds", type=int, default=1, help="train each model with this many seeds (~9 min per seed at nano)")
     ap.add_argument("--data", default=None, help="a text file/folder instead of the stdlib corpus")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "steplab_bench"), help="prepared data lives here")
     ap.add_argument("--json", default=None, help="also write the raw results here")
@@ -324,9 +344,9 @@ def main() -> None:
 
     print("1/4 training both models ...", flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
-        results["train"] = train_pair(args.size, data, steps, args.threads, Path(work))
+        results["train"] = train_pair(args.size, data, steps, args.threads, args.seeds, Path(work))
     print("2/4 interleaved step times ...", flush=True)
-    results["step"] = step_times(args.size, 4096, rounds)
+    results["step"] = step_times(args.size, data, rounds)
     print("3/4 MoE layer alone ...", flush=True)
     shapes = [(128, 128)] if args.quick else [(128, 128), (512, 464)]
     results["layer"] = [layer_bench(d, de, rounds) for d, de in shapes]
@@ -343,15 +363,17 @@ def render(r: dict, size: str) -> str:
     lines = [f"`{r['command']}`  (torch {r['torch']}, {r['threads']} threads, bf16 autocast; "
              f"torch._grouped_mm on CPU: bf16 {r['grouped_mm_cpu_bf16']}, fp32 {r['grouped_mm_cpu_fp32']})", "",
              f"**Training, equal active N and tokens** ({r['data']['source']}, {r['data']['train_tokens']:,} train tokens, "
-             f"D = {d['D']:,} = {r['steps']} steps x {BATCH} x {SEQ})", "",
+             f"D = {d['D']:,} = {r['steps']} steps x {BATCH} x {SEQ}; {len(d['val_loss'])} seed(s): mean, and each)", "",
              "| model | N total | N active | val loss | val bpb | tok/s (trainer) |", "|---|---|---|---|---|---|"]
     for name, x in r["train"].items():
-        lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {x['val_loss']:.4f} | {x['val_bpb']:.4f} | {x['tok_per_s']:,.0f} |")
+        each = ", ".join(f"{v:.4f}" for v in x["val_loss"])
+        lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {mean(x['val_loss']):.4f} ({each}) | {mean(x['val_bpb']):.4f} | "
+                     f"{mean(x['tok_per_s']):,.0f} |")
     step1, step2 = st[f"step1-{size}"], st[f"step2-{size}"]
-    lines += ["", f"Wall-clock per token MoE/dense: trainer runs {d['tok_per_s'] / s['tok_per_s']:.2f}x; interleaved steps "
+    lines += ["", f"Wall-clock per token MoE/dense: trainer runs {mean(d['tok_per_s']) / mean(s['tok_per_s']):.2f}x; interleaved steps "
               f"{step2['median'] / step1['median']:.2f}x (median of {step1['median'] * 1e3:.0f} vs {step2['median'] * 1e3:.0f} ms; "
-              f"min {step2['min'] / step1['min']:.2f}x). Router stats at the end: "
-              + ", ".join(f"{k} {v:.3g}" for k, v in s["moe_stats"].items() if k.endswith(("load_max_mean", "entropy"))), ""]
+              f"min {step2['min'] / step1['min']:.2f}x). Router stats at the end (seed 0): "
+              + ", ".join(f"{k} {v:.3g}" for k, v in s["moe_stats"][0].items() if k.endswith(("load_max_mean", "entropy"))), ""]
     for layer in r["layer"]:
         t = layer["times"]
         ours = t["steplab grouped_mm (ours)"]["median"]

@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--d-model 512 --layers 8 --heads 8 --vocab 8192 --seq 256 --batch 16]
                                      [--dtype bf16|fp32] [--threads 2] [--rounds 5] [--no-compile]
 
-One process, same threads, same random batches. Each round times a forward + backward + AdamW step of
+One process, same threads, same random batches, the same fused AdamW for every contender. Each round times a forward + backward + AdamW step of
 every contender (interleaved, so background load hits all alike); the best round of each is reported, plus
 the median of the per-round ratios. MFU divides model FLOPs/token x tokens/s by the bf16 (or fp32) matmul
 peak measured in this same run (2048^3 matmul). Default shape: ~25.7M N (step1-mini).
@@ -63,7 +63,7 @@ def main() -> None:
     hf.config._attn_implementation = "sdpa"
 
     contenders = {
-        "transformers Llama (eager)": make_step(hf, lambda x, y: hf(input_ids=x, labels=y).loss, args.dtype, fused=False),
+        "transformers Llama (eager)": make_step(hf, lambda x, y: hf(input_ids=x, labels=y).loss, args.dtype, fused=True),
         "steplab Step-1 (eager)": make_step(ours, lambda x, y: ours(x, y), args.dtype, fused=True),
     }
     if not args.no_compile:

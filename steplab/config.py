@@ -159,10 +159,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step1-350m": dict(model=dict(d_model=1024, n_layer=28, n_head=16, n_kv_head=4, max_seq_len=2048), data=dict(seq_len=2048)),
     "step1-1b": dict(model=dict(d_model=2048, n_layer=20, n_head=32, n_kv_head=8, max_seq_len=2048), data=dict(seq_len=2048)),
     # Step-2 (MoE): 8 fine-grained routed experts, top-2, plus 1 shared; d_expert ~ d_ff/3 of the same-named
-    # step1 preset, so active N matches it (within 1%) and total N is ~2.35x. See docs/moe.md.
-    "step2-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=128))),  # N_a ~0.86M, N ~2.0M
-    "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232))),  # N_a ~4.8M, N ~11.2M
-    "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464))),  # N_a ~25.5M, N ~59.7M
+    # step1 preset, so active N matches it (within 1%) and total N is ~2.35x. Sigmoid scores and a bias rate of
+    # 1e-2 (DeepSeek-V3 uses 1e-3): at our learning rates the router collapses within ~10 steps and 1e-3 is too
+    # slow to undo it (measured in docs/moe.md).
+    "step2-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=128, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~0.86M, N ~2.0M
+    "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
+    "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
 }
 CONTEXT_VARIANTS = {"8k": 8192, "16k": 16384, "32k": 32768}
 

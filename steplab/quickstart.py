@@ -1,65 +1,335 @@
-"""``steplab quickstart``: the main job, end to end on a fresh machine with no data of its own.
+"""``steplab quickstart``: predict before you train, end to end on a fresh machine with no data of its own.
 
-corpus (the running Python's standard library sources) -> byte-level BPE tokenizer -> token shards ->
-a small Step-1 model -> validation loss and bits per byte -> samples -> a run directory with config,
-summary.json, metrics.jsonl, loss.png and report.md.
+1. data: the running Python's standard library sources -> byte-level BPE tokenizer -> token shards;
+2. sweep: a small grid of model sizes x token budgets, lr and batch from Step Law's form (``HPARAMS``)
+   (``steplab.law.sweep``, resumable);
+3. fit: L(N, D) = E + A/N^alpha + B/D^beta to the sweep's final validation losses (``fit_parametric``);
+4. plan: the compute-optimal model for about 4x the compute of the largest sweep run (``steplab.law.plan``);
+5. train it, then compare the measured validation loss with the prediction; samples; ``report.md``.
+
+Output directory::
+
+    data/        the prepared corpus          sweep/   runs/, runs.csv, runs.jsonl (the sweep)
+    run/         the planned run (config, summary.json, metrics.jsonl, checkpoints, loss.png, report.md)
+    plan.toml    its train config             report.md, report.html, *.png   predicted vs measured
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from pathlib import Path
 
-from steplab.config import resolve
-from steplab.data.prepare import META, prepare_data
-from steplab.infer.sampling import SamplingParams, generate
-from steplab.train.checkpoint import load_run
-from steplab.train.trainer import resolve_device, train
+import numpy as np
 
-CORPUS_BYTES = 8_000_000  # ~2.1M train tokens at vocab 4096: one pass of the default run
+from steplab.data.prepare import META, prepare_data
+from steplab.errors import FitError
+
+CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~3.2M train tokens, so no run repeats data
 VOCAB_SIZE = 4096
-BASE_STEPS = 600  # step1-micro at 16 x 256 tokens: about 5 min on 2 CPU cores in bf16
+SEQ_LEN = 256
+# The sweep: 4 sizes over 8x in N, 3 token budgets each.
+SIZES = [
+    {"d_model": 48, "n_layer": 2, "n_head": 2},    # N =  55,296
+    {"d_model": 64, "n_layer": 2, "n_head": 2},    # N = 106,496
+    {"d_model": 80, "n_layer": 3, "n_head": 2},    # N = 261,120
+    {"d_model": 96, "n_layer": 4, "n_head": 2},    # N = 442,368
+]
+TOKENS = [150_000, 300_000, 600_000]
+# lr and batch: Step Law's form. Its published lr (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) asks
+# for 6e-3 to 5e-2 at these sizes, 2-8x the best lr that exploratory runs found (about 3e-3 at D = 0.5M for
+# 55k, 106k and 852k parameters alike), so the lr uses our coefficients: 3e-3 (D / 0.5M)^0.307, flat in N.
+# The batch is Step Law's published law. bench/predictable_scale.py checks both on an lr x batch grid.
+HPARAMS = {"lr_intercept": math.log(3e-3) - 0.307 * math.log(5e5), "lr_coef_N": 0.0, "lr_coef_D": 0.307}
+BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
+EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
+
+
+def sweep_grid(budget: float, device: str) -> dict:
+    return {
+        "sizes": SIZES,
+        "tokens": [max(SEQ_LEN * 8, int(t * budget)) for t in TOKENS],
+        "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS,
+        "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": 0.05,
+        # min_lr_ratio 0: anneal to ~0, as Step Law's runs do (to 1e-5)
+        "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
+                  "train": {"device": device, "min_lr_ratio": 0.0}},
+    }
 
 
 def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = "stdlib", device: str = "auto",
                resume: bool = False, progress: bool = True) -> dict:
+    from steplab.law.sweep import expand_grid, run_sweep
+    from steplab.law.tables import load_table
+    from steplab.train.trainer import resolve_device, train
+
     t0 = time.time()
     out_dir = Path(out)
-    data_dir, run_dir = out_dir / "data", out_dir / "run"
-    print(f"steplab quickstart -> {out_dir}  (budget {budget:g})")
+    data_dir, run_dir, sweep_dir = out_dir / "data", out_dir / "run", out_dir / "sweep"
+    print(f"steplab quickstart -> {out_dir}  (budget {budget:g}): predict the loss of a model, then train it")
 
+    # 1. data
     if (data_dir / META).is_file():
         meta = json.loads((data_dir / META).read_text())
-        print(f"[1/3] data: reusing {data_dir}")
+        print(f"[1/5] data: reusing {data_dir}")
     else:
-        print(f"[1/3] data: {source} corpus -> byte-level BPE ({VOCAB_SIZE} tokens) -> shards")
-        meta = prepare_data(source, data_dir, vocab_size=VOCAB_SIZE, max_bytes=int(CORPUS_BYTES * max(budget, 0.25)), progress=progress)
+        print(f"[1/5] data: {source} corpus -> byte-level BPE ({VOCAB_SIZE} tokens) -> shards")
+        meta = prepare_data(source, data_dir, vocab_size=VOCAB_SIZE, max_bytes=int(CORPUS_BYTES * max(budget, 0.25)),
+                            progress=progress)
     print(f"      train {meta['train']['tokens']:,} tokens / val {meta['val']['tokens']:,} tokens "
           f"from {meta['train']['documents'] + meta['val']['documents']:,} documents")
 
-    steps = max(20, int(BASE_STEPS * budget))
-    cfg = resolve("step1-micro", overrides=[
-        f"data.path={data_dir}", f"train.max_steps={steps}", f"train.warmup_steps={max(5, steps // 20)}",
-        f"train.eval_every={max(10, steps // 6)}", f"train.ckpt_every={max(10, steps // 6)}", f"train.device={device}",
-    ])
-    print(f"[2/3] train: step1-micro ({cfg.model.n_layer} layers, d_model {cfg.model.d_model}), {steps} steps x "
-          f"{cfg.tokens_per_step:,} tokens, {cfg.train.dtype}, device {resolve_device(device)}")
-    summary = train(cfg, run_dir, resume=resume, progress=progress)
+    # 2. sweep
+    grid = sweep_grid(budget, device)
+    runs = expand_grid(grid, str(data_dir))
+    print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} runs "
+          f"(N {min(_N(r) for r in runs):,}-{max(_N(r) for r in runs):,}, D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
+          f"lr 3e-3 (D/0.5M)^0.307, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
+    t_sweep = time.time()
+    run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=1, progress=progress)
+    t_sweep = time.time() - t_sweep
+    table = load_table(sweep_dir / "runs.csv", adapter="runs")
 
-    print("[3/3] samples (temperature 0.8, top-k 50):")
-    _, model, tokenizer, _ = load_run(run_dir, device=resolve_device(device))
+    # 3. fit
+    fit, why = fit_sweep(table, vocab=meta["vocab_size"])
+    if fit is not None:
+        est = fit.estimates()
+        print(f"[3/5] fit: L = {fit.E:.3f} + {fit.A:.4g}/N^{fit.alpha:.3f} + {fit.B:.4g}/D^{fit.beta:.3f}  "
+              f"({fit.n} runs, RMSE {fit.rmse_log:.2%} in log loss; alpha 95% CI [{est['alpha'].ci[0]:.2f}, "
+              f"{est['alpha'].ci[1]:.2f}], beta [{est['beta'].ci[0]:.2f}, {est['beta'].ci[1]:.2f}])")
+        for w in fit.warnings:
+            print(f"      warning: {w}")
+    else:
+        print(f"[3/5] fit: not usable ({why}); falling back to the largest sweep size at {BIG_FACTOR:g}x its tokens, "
+              "with no prediction")
+
+    # 4. plan + train
+    C_max = float(np.max(table["C"]))
+    target_C = BIG_FACTOR * C_max
+    big, predicted, ci, plan_note = plan_big_run(fit, table, target_C, grid, data_dir, out_dir,
+                                                 max_tokens=0.9 * meta["train"]["tokens"])
+    print(f"[4/5] plan: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
+          f"({big['D'] / big['N']:.1f} tokens/param), lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
+          + (f"; predicted val loss {predicted:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if predicted is not None else ""))
+    if plan_note:
+        print(f"      note: {plan_note}")
+    m = big["config"]["model"]
+    print(f"      train: d_model {m['d_model']}, {m['n_layer']} layers, d_ff {m['d_ff']}, {big['config']['train']['max_steps']} "
+          f"steps, device {resolve_device(device)} -> {run_dir}")
+    from steplab.config import RunConfig
+
+    cfg = RunConfig.from_dict(big["config"])
+    steps = cfg.train.max_steps
+    cfg.train.eval_every = max(1, steps // 3)  # two points on the curve before the final eval (the sweep's)
+    import torch
+
+    from steplab.law.sweep import auto_threads
+
+    torch.set_num_threads(auto_threads(1))  # as the sweep's workers: 1 thread while other processes keep a core busy
+    t_big = time.time()
+    summary = train(cfg, run_dir, resume=resume, progress=progress)
+    t_big = time.time() - t_big
+
+    # 5. compare, report, samples
+    measured = summary["val_loss"]
+    err = None if predicted is None else predicted / measured - 1
+    report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
+    print("[5/5] samples (temperature 0.8, top-k 50):")
+    print_samples(run_dir, resolve_device(device))
+
+    wall = time.time() - t0
+    print("\n== result ==")
+    if predicted is not None:
+        inside = ci[0] <= measured <= ci[1]
+        print(f"predicted validation loss {predicted:.4f} (95% CI [{ci[0]:.4f}, {ci[1]:.4f}]), measured {measured:.4f}: "
+              f"error {err:+.2%} ({'inside' if inside else 'outside'} the interval)")
+    else:
+        print(f"no prediction ({why}); measured {measured:.4f}")
+    print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
+    print(f"validation loss {measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte")
+    print(f"throughput {summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}")
+    print(f"wall time {wall:.1f} s (sweep {t_sweep:.0f} s, planned run {t_big:.0f} s)")
+    print(f"run directory {run_dir}: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
+    print(f"report {report}")
+    return {**summary, "predicted_loss": predicted, "predicted_ci": ci, "rel_err": err, "wall_seconds": wall,
+            "sweep_seconds": t_sweep, "big_seconds": t_big, "report": str(report)}
+
+
+def _N(run) -> int:
+    from steplab.config import RunConfig
+    from steplab.models import count_params
+
+    return count_params(RunConfig.from_dict(run.config).model)["N"]
+
+
+def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
+    """(fit, None) or (None, why). Runs that did not learn (loss near ln V) or diverged are left out first."""
+    from steplab.law.fit import FitWarning, fit_parametric
+
+    loss = table["loss"]
+    stable = np.isfinite(loss) & (loss < 0.9 * math.log(vocab))
+    if stable.sum() < 6:
+        return None, f"only {int(stable.sum())} of {len(loss)} sweep runs learned anything (loss below 0.9 ln V)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FitWarning)
+            fit = fit_parametric(table["N"][stable], table["D"][stable], loss[stable], n_bootstrap=n_bootstrap, seed=0)
+    except FitError as e:
+        return None, str(e)
+    if not (0.02 < fit.alpha < 3 and 0.02 < fit.beta < 3):
+        return None, f"the fit ran to an edge (alpha {fit.alpha:.3g}, beta {fit.beta:.3g}): the runs do not pin down the law"
+    return fit, None
+
+
+def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, max_tokens: float):
+    """Plan the run at ``target_C`` and resolve its config with the sweep's own recipe (lr and batch rules,
+    warmup fraction, eval tokens), so the law's runs and the predicted run differ only in N and D.
+    The plan stays where the law has support: N within the swept sizes up to 4x, and D within one pass over
+    the corpus (repeated data would make the loss worse than a law fitted on fresh data predicts)."""
+    from steplab.config import RunConfig
+    from steplab.law.plan import plan, write_config
+    from steplab.law.sweep import expand_grid, hparam_coefs
+    from steplab.models import count_params
+
+    kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
+              warmup_fraction=grid["warmup_fraction"])
+    notes = []
+    Ns = np.unique(table["N"])
+    lo, hi = float(Ns.min()), 4 * float(Ns.max())
+    if fit is not None:
+        p = plan(compute=target_C, fit=fit, **kw)
+        N = p.N
+        if not lo <= N <= hi:
+            N = float(np.clip(N, lo, hi))
+            notes.append(f"the fit puts N_opt at {p.N:.3g}, outside {lo:.3g}-{hi:.3g} (the swept sizes up to 4x)")
+        if target_C / (6 * N) > max_tokens:
+            N = target_C / (6 * max_tokens)
+            notes.append(f"D is capped at {max_tokens:,.0f} tokens (one pass over the corpus' train split)")
+        if N != p.N:
+            p = plan(compute=target_C, params=N, fit=fit, **kw)
+            notes.append(f"planned N = {N:.3g}, D = {p.D:.3g} at the same compute instead")
+    else:
+        N = max(float(Ns.max()), target_C / (6 * max_tokens))
+        p = plan(compute=target_C, params=N, **kw)  # shape only; the default law predicts nothing for this data
+    write_config(p, out_dir / "plan.toml")
+    one = {**grid, "sizes": [{k: v for k, v in p.model.items() if k != "max_seq_len"}], "tokens": [p.D]}
+    run = expand_grid(one, str(data_dir))[0]
+    cfg = RunConfig.from_dict(run.config)
+    N_cfg = count_params(cfg.model)["N"]
+    D_cfg = cfg.train.max_steps * cfg.tokens_per_step
+    predicted = ci = None
+    if fit is not None:
+        predicted = float(fit.predict(N_cfg, D_cfg))
+        lo_, hi_ = fit.predict_interval(np.array([N_cfg]), np.array([D_cfg]))
+        ci = (float(lo_[0]), float(hi_[0]))
+    big = {"config": run.config, "N": N_cfg, "D": D_cfg, "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step,
+           "plan": p}
+    return big, predicted, ci, "; ".join(notes)
+
+
+def print_samples(run_dir: Path, device: str) -> None:
+    from steplab.infer.sampling import SamplingParams, generate
+    from steplab.train.checkpoint import load_run
+
+    _, model, tokenizer, _ = load_run(run_dir, device=device)
     params = SamplingParams(max_new_tokens=60, temperature=0.8, top_k=50, seed=0)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in SAMPLE_PROMPTS]
     for prompt, completion in zip(SAMPLE_PROMPTS, generate(model, prompts, params, stop_ids={tokenizer.eos_id})):
         print("  ---")
         print("  " + (prompt + tokenizer.decode(completion, skip_special=True)).replace("\n", "\n  "))
 
-    wall = time.time() - t0
-    print("\n== result ==")
-    print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
-    print(f"validation loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte")
-    print(f"throughput {summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}")
-    print(f"wall time {wall:.1f} s")
-    print(f"run directory {run_dir}: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
-    return {**summary, "wall_seconds": wall}
+
+# ------------------------------------------------------------------------------------------- report
+
+def _figure(w: float = 6.4, h: float = 4.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_prediction(table, fit, summary: dict, predicted, ci, path: Path) -> Path:
+    """Sweep runs (loss vs compute, one colour per size, the fitted L(N, D) through each size), the fitted
+    compute-optimal frontier, and the planned run: predicted (with its interval) and measured."""
+    from steplab.utils import atomic_write
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    N, D, L = table["N"], table["D"], table["loss"]
+    C = 6 * N * D
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    sizes = np.unique(N)
+    C_big = summary["C_6ND"]
+    for i, n in enumerate(sizes):
+        m = N == n
+        color = cmap(i / max(1, len(sizes) - 1))
+        ax.scatter(C[m], L[m], color=color, s=22, zorder=3, label=f"N={n:,.0f}")
+        if fit is not None:
+            grid = np.logspace(np.log10(C[m].min()) - 0.1, np.log10(C_big) + 0.1, 60)
+            ax.plot(grid, fit.predict(n, grid / (6 * n)), color=color, lw=0.8, alpha=0.7)
+    if fit is not None:
+        grid = np.logspace(np.log10(C.min()), np.log10(C_big) + 0.3, 100)
+        Nopt, Dopt = fit.allocation(grid)
+        ax.plot(grid, fit.predict(Nopt, Dopt), "r--", lw=1.2, label="fitted frontier (compute-optimal)")
+    if predicted is not None:
+        ax.errorbar([C_big], [predicted], yerr=[[predicted - ci[0]], [ci[1] - predicted]], fmt="o", mfc="none",
+                    color="r", ms=9, capsize=4, label=f"planned run: predicted {predicted:.3f}")
+    ax.scatter([C_big], [summary["val_loss"]], marker="x", color="k", s=70, zorder=4,
+               label=f"planned run: measured {summary['val_loss']:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
+           title="quickstart: sweep, fit, and the planned run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def write_report(out_dir: Path, table, fit, why, summary, predicted, ci, plan_note, big, target_C) -> Path:
+    from steplab.law.report import Report, plot_fitted_vs_measured, summary_lines
+
+    rep = Report("steplab quickstart: predict, then train")
+    measured = summary["val_loss"]
+    if predicted is not None:
+        err = predicted / measured - 1
+        rep.paragraph(f"Predicted validation loss of the planned run: **{predicted:.4f}** (95% bootstrap interval "
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]); measured **{measured:.4f}**; relative error **{err:+.2%}**.")
+    else:
+        rep.paragraph(f"No prediction: {why}. Measured validation loss {measured:.4f}.")
+    rep.table(["", "planned run"], [
+        ["N (non-embedding)", f"{summary['N']:,}"], ["D (tokens)", f"{summary['D']:,}"],
+        ["C = 6ND", f"{summary['C_6ND']:.3g} (target {target_C:.3g})"],
+        ["shape", "d_model {d_model}, {n_layer} layers, {n_head} heads, d_ff {d_ff}".format(**big["config"]["model"])],
+        ["lr, batch", f"{summary['lr']:.3g}, {summary['batch_tokens']:,} tokens (Step Law)"],
+        ["validation loss", f"{measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte"],
+        ["training time", f"{summary['train_seconds']:.0f} s, {summary['tok_per_s']:,.0f} tokens/s"]])
+    if plan_note:
+        rep.paragraph(f"Note: {plan_note}")
+    rep.heading("The sweep")
+    order = np.lexsort((table["D"], table["N"]))
+    rep.table(["N", "D", "C", "lr", "batch tokens", "val loss", "fitted"],
+              [[f"{table['N'][i]:,.0f}", f"{table['D'][i]:,.0f}", f"{table['C'][i]:.3g}", f"{table['lr'][i]:.3g}",
+                f"{table['batch_tokens'][i]:,.0f}", f"{table['loss'][i]:.4f}",
+                "" if fit is None else f"{float(fit.predict(table['N'][i], table['D'][i])):.4f}"] for i in order])
+    rep.heading("The fit")
+    if fit is not None:
+        rep.code("\n".join(summary_lines(fit)))
+        for w in fit.warnings:
+            rep.paragraph(f"Warning: {w}")
+    else:
+        rep.paragraph(f"Not usable: {why}.")
+    rep.heading("Plots")
+    rep.image(plot_prediction(table, fit, summary, predicted, ci, out_dir / "prediction.png").name,
+              "loss vs compute: sweep, fitted law and frontier, planned run")
+    if fit is not None:
+        rep.image(plot_fitted_vs_measured(table, fit, out_dir / "fitted_vs_measured.png").name, "fitted vs measured (sweep)")
+    rep.image("run/loss.png", "the planned run's loss curve")
+    rep.paragraph(f"Planned run directory: run/ (config.json, summary.json, metrics.jsonl, checkpoints); its train "
+                  f"config: plan.toml; the sweep: sweep/runs.csv.")
+    md, _ = rep.write(out_dir)
+    return md

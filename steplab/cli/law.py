@@ -1,7 +1,7 @@
 """`steplab law ...` verbs: argument parsing and printing only; the work is in steplab.law.
 
 Each verb is a pair: ``_add_<verb>(law_sub)`` declares its parser and ``cmd_<verb>(args) -> int`` runs it.
-To add a verb (plan, sweep), write the pair and append the adder to ``VERBS``.
+To add a verb, write the pair and append the adder to ``VERBS``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    law = sub.add_parser("law", help="scaling-law lab: hparams, fit, report (predict before you train)")
+    law = sub.add_parser("law", help="scaling-law lab: hparams, fit, report, plan, sweep (predict before you train)")
     law_sub = law.add_subparsers(dest="law_verb", metavar="<law-verb>")
     law_sub.required = True
     for add in VERBS:
@@ -179,4 +179,109 @@ def cmd_report(args) -> int:
     return 0
 
 
-VERBS = [_add_hparams, _add_fit, _add_report]
+# ------------------------------------------------------------------------------------------ plan
+
+def _add_plan(law_sub) -> None:
+    p = law_sub.add_parser("plan", help="compute-optimal N and D, predicted loss, Step Law lr/batch and a train config")
+    what = p.add_argument_group("what to plan (one of them, or two to fix the third by C = 6ND)")
+    what.add_argument("--compute", type=float, metavar="C", help="training FLOPs (6 N D; N active for MoE)")
+    what.add_argument("--params", type=float, metavar="N", help="non-embedding parameters (active for MoE)")
+    what.add_argument("--tokens", type=float, metavar="D", help="training tokens")
+    p.add_argument("--from", dest="from_table", metavar="TABLE",
+                   help="fit the loss law to this runs table first (or read E, A, B, alpha, beta from a "
+                        "`law fit --json` file); default: Epoch's published Chinchilla refit")
+    add_table_args(p)
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for --from (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length of the planned run (default 2048)")
+    p.add_argument("--moe", action="store_true",
+                   help="plan a Step-2 MoE (8 experts, top-2, 1 shared): N is active; lr from total N")
+    p.add_argument("--data", help="prepared dataset to put in the config (data.path); or pass it to `train --data`")
+    p.add_argument("--out", metavar="CONFIG", help="write the train config here (.toml, else JSON)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (config included)")
+    p.set_defaults(func=cmd_plan)
+
+
+def _law_from(args):
+    """The loss law for --from: a `law fit --json` file's coefficients, or a fit of a runs table."""
+    from pathlib import Path
+
+    path = Path(args.from_table)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and all(k in obj for k in ("E", "A", "B", "alpha", "beta")):
+            return {k: obj[k] for k in ("E", "A", "B", "alpha", "beta")}
+    from steplab.law.fit import FitWarning, fit_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        fit = fit_table(load_from_args(args, args.from_table), "chinchilla", n_bootstrap=args.bootstrap,
+                        seed=args.seed, drop_invalid=args.drop_invalid)
+    _print_warnings(fit)
+    return fit
+
+
+def cmd_plan(args) -> int:
+    from steplab.law.plan import plan, write_config
+
+    law = _law_from(args) if args.from_table else None
+    p = plan(args.compute, args.params, args.tokens, fit=law, seq_len=args.seq_len, moe=args.moe, data_path=args.data)
+    if args.out:
+        write_config(p, args.out)
+    if args.json:
+        _print_json({**p.to_dict(), "config_file": args.out})
+        return 0
+    print("\n".join(p.lines()))
+    if args.out:
+        data = "" if args.data else " --data DATA_DIR"
+        print(f"wrote {args.out}\n  steplab train --config {args.out}{data} --out runs/NAME")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+def _add_sweep(law_sub) -> None:
+    p = law_sub.add_parser("sweep", help="run a grid of training runs (sizes x tokens x lr x batch), resumable")
+    p.add_argument("--grid", required=True, help="grid TOML (see docs/scaling_laws.md)")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="sweep directory: runs/, runs.csv, runs.jsonl, sweep.json")
+    p.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1; 0: in this process)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers, fewer when busy)")
+    p.add_argument("--retry-failed", action="store_true", help="re-run runs that failed (diverged) before")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local process pool (default) or Ray tasks (pip install ray; shared storage for --out)")
+    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
+    p.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs each run asks for")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from steplab.law.sweep import expand_grid, run_sweep
+
+    if args.dry_run:
+        runs = expand_grid(args.grid, args.data)
+        for r in runs:
+            d = Path(args.out) / "runs" / r.run_id
+            state = ("finished" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file()
+                     else "partial" if d.exists() else "new")
+            t = r.config["train"]
+            print(f"{state:<9} {r.run_id}  steps {t['max_steps']}, batch {t['batch_size'] * t['grad_accum']}, "
+                  f"lr {t['lr']:.3g}, {r.cost:.3g} FLOPs")
+        print(f"{len(runs)} runs, {sum(r.cost for r in runs):.3g} FLOPs in all")
+        return 0
+    res = run_sweep(args.grid, args.out, data_path=args.data, workers=args.workers, threads=args.threads,
+                    progress=not args.quiet, retry_failed=args.retry_failed, return_result=True,
+                    launcher=args.launcher, ray_address=args.ray_address, gpus_per_run=args.gpus_per_run)
+    print(f"{len(res.finished)} run(s) trained, {len(res.skipped)} already finished, {len(res.failed)} failed")
+    print(f"wrote {res.table}\n  next: steplab law fit {res.table}   or   steplab law plan --compute C --from {res.table}")
+    return 1 if res.failed and not (res.finished or res.skipped) else 0
+
+
+VERBS = [_add_hparams, _add_fit, _add_report, _add_plan, _add_sweep]

@@ -9,6 +9,8 @@ A grid is a TOML file (or the same dict in Python)::
     seeds  = [0]
     warmup_fraction = 0.05                # warmup steps = this fraction of each run's steps
     eval_tokens = 131072                  # validation tokens per run (the same windows for every run)
+    [hparams]                             # optional: Step Law coefficients for "steplaw" (default: published),
+    lr_coef_N = 0.0                       # e.g. refitted ones from `steplab law fit --json` of an lr x batch sweep
     [fixed]                               # overrides for every run, nested like a train config
     data  = {seq_len = 256}
     train = {dtype = "bf16"}              # a fixed train.batch_size is the micro-batch (grad_accum reaches the batch)
@@ -48,12 +50,12 @@ from steplab.errors import ConfigError, StepLabError
 from steplab.utils import atomic_write_json, atomic_write_text
 
 GRID_KEYS = {"sizes", "tokens", "lr", "batch_tokens", "seeds", "fixed", "warmup_fraction", "eval_tokens",
-             "ckpt_every_fraction", "name"}
+             "ckpt_every_fraction", "hparams", "name"}
 # Columns first in the runs table, in this order; any other summary key follows alphabetically.
 TABLE_COLUMNS = ["run", "size", "N", "N_active", "D", "C", "loss", "val_loss", "val_bpb", "train_loss_smoothed",
                  "train_loss_final", "lr", "lr_rule", "batch_tokens", "batch_rule", "batch_sequences", "seq_len",
                  "steps", "seed", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "n_experts", "top_k",
-                 "params_total", "C_6ND", "C_model", "tokens_target", "train_seconds", "tok_per_s", "mfu", "dataset"]
+                 "params_total", "C_6ND", "C_model", "tokens_target", "train_seconds", "tok_per_s", "dataset"]
 
 
 @dataclass
@@ -104,7 +106,24 @@ def load_grid(grid: str | os.PathLike | dict) -> dict[str, Any]:
     spec.setdefault("warmup_fraction", 0.05)
     spec.setdefault("eval_tokens", 131072)
     spec.setdefault("ckpt_every_fraction", 0.25)
+    spec["hparams"] = dict(spec.get("hparams") or {})
+    hparam_coefs(spec)  # validates
     return spec
+
+
+def hparam_coefs(spec: dict):
+    """The Step Law coefficients "steplaw" means in this grid: published, with any given in [hparams] replaced."""
+    from steplab.law.hparams import PUBLISHED, HparamCoefs
+
+    given = spec.get("hparams") or {}
+    known = set(vars(PUBLISHED))
+    unknown = set(given) - known
+    if unknown:
+        raise ConfigError(f"sweep grid: unknown [hparams] key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    for k, v in given.items():
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise ConfigError(f"sweep grid: [hparams] {k} = {v!r} must be a finite number")
+    return HparamCoefs(**{**vars(PUBLISHED), **{k: float(v) for k, v in given.items()}})
 
 
 _RULE = re.compile(r"^\s*(?:steplaw\s*(?:\*\s*([0-9.eE+-]+))?|([0-9.eE+-]+)\s*\*\s*steplaw)\s*$")
@@ -174,6 +193,7 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
 
     spec = load_grid(grid)
     meta, data_hash = _data_fingerprint(data_path)
+    coefs = hparam_coefs(spec)
     vocab = int(meta.get("vocab_size") or 4096)
     val_tokens = meta.get("val", {}).get("tokens")
     runs: list[SweepRun] = []
@@ -191,7 +211,7 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
         for D in spec["tokens"]:
             if not (isinstance(D, (int, float)) and not isinstance(D, bool) and D >= seq_len):
                 raise ConfigError(f"sweep grid: token budget {D!r} must be a number of at least one sequence ({seq_len})")
-            law = suggest(N, float(D), seq_len)
+            law = suggest(N, float(D), seq_len, coefs)
             for lr_v in spec["lr"]:
                 lr_f = _rule_factor(lr_v, "lr")
                 lr = law["lr"] * lr_f if lr_f else float(lr_v)
@@ -278,14 +298,34 @@ def _train_one(cfg_dict: dict, run_dir: str, threads: int) -> dict:
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "resumed": resume}
 
 
+def auto_threads(workers: int = 1) -> int:
+    """Torch threads per worker: the cores divided among the workers, but no more than the cores other
+    processes leave idle (1-minute load average). On a shared 2-core machine a second intra-op thread that
+    has to wait for a busy core makes small-model steps 2-5x *slower* (measured: d_model 64, batch 16x256,
+    bf16: 1 thread 10-15k tok/s, 2 threads 2-5k tok/s while another process kept one core busy)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, workers))
+    try:
+        idle = cores - int(round(os.getloadavg()[0]))
+    except OSError:
+        idle = cores
+    return max(1, min(share, idle))
+
+
 def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, data_path: str | os.PathLike,
               workers: int = 1, threads: int | None = None, progress: bool = True, retry_failed: bool = False,
-              return_result: bool = False):
+              return_result: bool = False, launcher: str = "local", ray_address: str | None = None,
+              gpus_per_run: float = 0.0):
     """Run every grid point not yet finished; return the path of ``runs.csv`` (or a SweepResult).
 
-    ``workers`` processes (spawn) train in parallel, each with ``threads`` torch threads (default: the
-    cores this process may use, divided by ``workers``). ``workers=0`` trains in this process (debugging).
+    ``workers`` processes (spawn) train in parallel, each with ``threads`` torch threads (default
+    ``auto_threads``: the cores divided by ``workers``, fewer when other processes keep cores busy).
+    ``workers=0`` trains in this process (debugging, tests). ``launcher="ray"`` hands the runs to Ray
+    (``steplab.law.ray_launcher``; ``ray_address`` of an existing cluster, ``gpus_per_run``) with the same
+    worker function, resume rules and tables.
     """
+    if launcher not in ("local", "ray"):
+        raise ConfigError(f"sweep: launcher {launcher!r} is not one of local, ray")
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -298,8 +338,7 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
     dataset = f"{meta.get('source', '?')}:{Path(data_path).name}"
     atomic_write_json(out / "sweep.json", {"grid": spec, "data_path": data_path, "dataset": dataset,
                                            "runs": {r.run_id: {"point": r.point, "config": r.config} for r in runs}})
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = threads or max(1, cores // max(1, workers))
+    threads = threads or auto_threads(workers)
 
     result = SweepResult(out / "runs.csv")
     rows: dict[str, dict] = {}
@@ -344,7 +383,12 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
             tqdm.write(msg)
 
     try:
-        if workers <= 0:
+        if launcher == "ray" and pending:
+            from steplab.law.ray_launcher import run_with_ray
+
+            run_with_ray([(r, r.config, str(out / "runs" / r.run_id)) for r in pending], _train_one, record,
+                         threads=threads, gpus_per_run=gpus_per_run, address=ray_address)
+        elif workers <= 0:
             for r in pending:
                 record(r, _train_one(r.config, str(out / "runs" / r.run_id), threads))
         elif pending:
@@ -366,8 +410,12 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
     return result if return_result else result.table
 
 
+# Measured on each (re)start, so a run resumed at its end would change them; they stay in summary.json.
+VOLATILE = ("peak_flops", "mfu")
+
+
 def _row(r: SweepRun, s: dict, dataset: str) -> dict:
-    row = {**r.point, **s}
+    row = {**r.point, **{k: v for k, v in s.items() if k not in VOLATILE}}
     row["run"] = r.run_id
     row["C"] = s["C_6ND"]
     row["loss"] = s["val_loss"]

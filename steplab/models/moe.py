@@ -17,8 +17,8 @@ Routing maths, for one token x (d_model) in an MoE layer with E routed experts, 
 For sigmoid scores the bias is added to the scores exactly as in DeepSeek-V3. For softmax scores it is added
 to the logits (log-scores): softmax scores sum to 1, and once one expert's score nears 1 all others sit near
 0 together, so a fixed bias step in score units flips whole groups of tokens at once and the load jitters
-around balance (measured in tests/test_moe.py's skewed-router task: max/mean load 1.5-1.8 after 600 steps
-on scores, 1.05-1.1 on logits).
+around balance (on the skewed-router task of tests/test_moe.py: max/mean load 1.5-1.8 after 600 steps with
+the bias on scores, 1.05-1.1 with it on logits).
 
 Every FFN is a SwiGLU, down(silu(gate(x)) * up(x)); a routed expert has hidden size ``d_expert`` and the
 ``n_shared`` shared experts are fused into one SwiGLU of hidden ``n_shared * d_expert`` (the same function).
@@ -34,10 +34,11 @@ sequence of s_i / sum_j s_j; 1.0 when perfectly balanced) and the router z-loss
 ``z_loss_coef * mean(logsumexp(logits)^2)`` (ST-MoE), which keeps router logits small.
 
 Dispatch is dropless (every token reaches all of its k experts, no capacity factor): the T*k (token, expert)
-assignments are sorted by expert, the token rows gathered into one buffer in that order, so each expert's
-tokens are a contiguous slice; two grouped matmuls (``torch._grouped_mm``, one GEMM per slice inside one op)
-run all experts; the gated rows are summed back into their tokens with ``index_add``. Where this build has
-no working ``_grouped_mm`` for the device/dtype, a loop of matmuls over the same contiguous slices is used.
+assignments are sorted by expert and the token rows gathered into one buffer in that order, so each expert's
+tokens are a contiguous slice (padded to a few repeating sizes, see ``row_bucket``); two grouped matmuls
+(``torch._grouped_mm``, one GEMM per slice inside one op) run all experts; the gated rows are summed back into
+their tokens with ``index_add``. Where this build has no working ``_grouped_mm`` for the device/dtype, a loop
+of matmuls over the same contiguous slices is used.
 Measured alternatives and timings are in docs/moe.md.
 """
 from __future__ import annotations
@@ -81,6 +82,17 @@ def check_moe_config(cfg: ModelConfig) -> None:
 
 # ---- grouped matmul ---------------------------------------------------------------------------------------
 
+def row_bucket(n_rows: int, n_experts: int) -> int:
+    """Expert slices are padded to a multiple of this many rows: ~1/8 of the mean slice, a power of 2 in [16, 128].
+
+    On CPU, oneDNN builds (JIT-compiles) a GEMM kernel for every new matrix shape and caches it by shape. Exact
+    slice sizes change every step, so each expert GEMM paid that again (1-2.5 ms each; a step2-nano step took
+    up to 1.6x a step1-nano step instead of ~1.1x). Rounding makes the shapes repeat, for at most 1/8 (on average 1/16) extra rows.
+    """
+    mean = max(n_rows / n_experts, 1.0)
+    return int(min(128, max(16, 2 ** round(math.log2(max(mean / 8, 1.0))))))
+
+
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Does ``torch._grouped_mm`` run forward and backward here? (CPU: yes in torch >= 2.9, fp32 and bf16.)"""
@@ -102,7 +114,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     """Row-slice e of ``x`` (``counts[e]`` rows, in expert order) times ``w[e]``: (M, d_in) x (E, d_in, d_out) -> (M, d_out)."""
     if grouped_mm_works(x.device.type, x.dtype):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # Fallback: one matmul per expert over its contiguous slice (no masking, no padding).
+    # Fallback: one matmul per expert over its contiguous slice (no masking, no per-token loop).
     return torch.cat([xs @ w[e] for e, xs in enumerate(x.split(counts.tolist()))])
 
 
@@ -161,11 +173,21 @@ class MoE(nn.Module):
     def experts(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dropless grouped dispatch: (y, counts) with y[t] = sum_i gates[t, i] * expert_{idx[t, i]}(x[t])."""
         order, token_of, counts = sort_by_expert(expert_idx, self.n_experts)
-        xs = x.index_select(0, token_of)  # (T*k, d), each expert's tokens contiguous
-        gate, up = self.w13(xs, counts).chunk(2, dim=-1)
-        ys = self.w2(F.silu(gate) * up, counts)
-        ys = ys * gates.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, token_of, ys), counts
+        # Each expert's slice is rounded up to a multiple of `bucket` rows (see row_bucket): sorted assignment j
+        # goes to row dest[j] of the buffer. Padding rows read token 0 and get gate 0, so they add exactly 0 to
+        # the output and receive exactly 0 gradient.
+        bucket = row_bucket(order.numel(), self.n_experts)
+        rows = (counts + bucket - 1) // bucket * bucket
+        expert_sorted = expert_idx.reshape(-1)[order]
+        dest = (rows.cumsum(0) - rows)[expert_sorted] + torch.arange(order.numel(), device=x.device) \
+            - (counts.cumsum(0) - counts)[expert_sorted]
+        n_rows = int(rows.sum())
+        src = torch.zeros(n_rows, dtype=torch.long, device=x.device).index_copy_(0, dest, token_of)
+        gate_rows = gates.new_zeros(n_rows).index_copy(0, dest, gates.reshape(-1)[order])
+        xs = x.index_select(0, src)  # (n_rows, d): each expert's tokens are one contiguous slice
+        gate, up = self.w13(xs, rows).chunk(2, dim=-1)
+        ys = self.w2(F.silu(gate) * up, rows) * gate_rows[:, None].to(x.dtype)
+        return torch.zeros_like(x, dtype=ys.dtype).index_add_(0, src, ys), counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -200,6 +222,8 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> dict[str, float]:
         """After an optimizer step: move the bias toward balance, report the step's load, reset the counts."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.load)  # data parallel: every rank applies the global load, stays in sync
         load = self.load.float()
         if load.sum() == 0:  # no training forward since the last update
             return {}

@@ -1,0 +1,266 @@
+"""Predictable scale on this machine (issue 3, item 3): sweep, fit without the largest runs, predict them.
+
+    python bench/predictable_scale.py [--corpus stdlib|shared] [--out bench/results/predictable_scale]
+                                      [--work runs/predictable_scale] [--holdout 2] [--scale 1.0]
+
+1. Main sweep: 5 dense sizes (55k to 1.07M non-embedding parameters, 19x) x 3 token budgets (0.5M, 1M, 2M),
+   on real text: the Python standard library (default; ~3.2M train tokens, so no run repeats data) or
+   ../shared/data tinystories + tinyshakespeare (``--corpus shared``; ~0.5M tokens, so runs repeat it).
+   lr and batch follow one rule for every run (below); the final validation loss is the loss fitted.
+2. Fit L = E + A/N^alpha + B/D^beta on all but the ``--holdout`` largest-compute runs and predict those.
+   Target: within 1.5% relative error.
+3. An lr x batch grid at one size and budget (d_model 64, 2 layers, D = 0.5M): where Step Law's published
+   choice lands against the grid's best loss (target: within 1%), and where this sweep's rule lands.
+
+The lr rule. Published Step Law (lr = 1.79 N^-0.713 D^0.307) is fitted on 2e8-1e9 parameters; 3 to 4 orders
+of magnitude below, it asks for 6e-3 to 5e-2 here, while 13 exploratory runs at D = 0.5M found the best lr
+near 3e-3 for 55k, 106k and 852k parameters alike (flat in N). So the sweep uses Step Law's form with our
+coefficients: lr = 3e-3 (D / 0.5M)^0.307 (N exponent 0, Step Law's D exponent), and Step Law's published
+batch law. Both the rule and the published law are checked by the grid.
+
+Resumable: every run goes through ``steplab.law.sweep`` (finished runs are skipped, killed ones resumed), so
+re-running the command after an interruption continues where it stopped. Writes runs.csv, hparam_runs.csv,
+results.md, results.json and PNG plots into --out (small files), the run directories into --work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SIZES = [
+    {"d_model": 48, "n_layer": 2, "n_head": 2},    # N =    55,296
+    {"d_model": 64, "n_layer": 2, "n_head": 2},    # N =   106,496
+    {"d_model": 80, "n_layer": 3, "n_head": 2},    # N =   261,120
+    {"d_model": 96, "n_layer": 4, "n_head": 2},    # N =   442,368
+    {"d_model": 128, "n_layer": 5, "n_head": 2},   # N = 1,064,960
+]
+TOKENS = [500_000, 1_000_000, 2_000_000]
+SEQ_LEN = 256
+VOCAB = 4096
+RULE_LR, RULE_D, RULE_D_EXP = 3e-3, 5e5, 0.307  # lr = RULE_LR (D / RULE_D)^RULE_D_EXP, flat in N
+RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_D_EXP * math.log(RULE_D), "lr_coef_N": 0.0,
+                "lr_coef_D": RULE_D_EXP}
+HP_SIZE, HP_TOKENS = {"d_model": 64, "n_layer": 2, "n_head": 2}, 500_000
+HP_LR = ["steplaw", "steplaw*0.25", "steplaw*0.0625"]  # + the rule's lr (~steplaw*0.115)
+HP_BATCH = ["steplaw*0.5", "steplaw", "steplaw*2"]
+FIXED = {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
+         "train": {"min_lr_ratio": 0.0}}  # anneal to ~0 as Step Law's runs do (they decay to 1e-5)
+
+
+def prepare(corpus: str, work: Path) -> Path:
+    from steplab.data.prepare import META, prepare_data
+
+    data = work / f"data_{corpus}"
+    if (data / META).is_file():
+        return data
+    if corpus == "stdlib":
+        source = "stdlib"
+    else:
+        shared = Path(os.environ.get("STEPLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "data"
+        files = [shared / "tinystories" / "tinystories_val_subset.txt", shared / "tinyshakespeare" / "input.txt"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            sys.exit(f"--corpus shared: {', '.join(missing)} not found (set STEPLAB_SHARED)")
+        source = work / "shared_corpus"
+        source.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if not (source / f.name).exists():
+                shutil.copy(f, source / f.name)
+        source = str(source)
+    prepare_data(source, data, vocab_size=VOCAB, progress=False)
+    return data
+
+
+def main_grid(scale: float) -> dict:
+    return {"sizes": SIZES, "tokens": [int(t * scale) for t in TOKENS], "lr": ["steplaw"], "batch_tokens": ["steplaw"],
+            "hparams": RULE_HPARAMS, "eval_tokens": 131072, "warmup_fraction": 0.05, "fixed": FIXED}
+
+
+def hp_grid(scale: float) -> dict:
+    return {"sizes": [HP_SIZE], "tokens": [int(HP_TOKENS * scale)], "lr": HP_LR + [_rule_lr(HP_TOKENS * scale)],
+            "batch_tokens": HP_BATCH, "eval_tokens": 131072, "warmup_fraction": 0.05, "fixed": FIXED}
+
+
+def _rule_lr(D: float) -> float:
+    return RULE_LR * (D / RULE_D) ** RULE_D_EXP
+
+
+def fmt_n(x: float) -> str:
+    return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.3g}k"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", choices=["stdlib", "shared"], default="stdlib")
+    ap.add_argument("--out", default="bench/results/predictable_scale", help="results: tables, report, plots")
+    ap.add_argument("--work", default="runs/predictable_scale", help="run directories (large; not for git)")
+    ap.add_argument("--holdout", type=int, default=2, help="largest-compute runs left out of the fit (default 2)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every token budget (smoke tests: 0.05)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args()
+
+    from steplab.law.fit import FitWarning, fit_parametric
+    from steplab.law.hparams import PUBLISHED, suggest
+    from steplab.law.report import plot_fitted_vs_measured, plot_loss_vs_compute, summary_lines
+    from steplab.law.sweep import run_sweep
+    from steplab.law.tables import load_table
+
+    t0 = time.time()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]
+    data = prepare(args.corpus, work)
+    meta = json.loads((data / "meta.json").read_text())
+    corpus_name = ("Python standard library sources (stdlib)" if args.corpus == "stdlib"
+                   else "tinystories (794 KB) + tinyshakespeare (1.1 MB) from ../shared/data")
+    print(f"corpus: {corpus_name}; vocab {meta['vocab_size']}, train {meta['train']['tokens']:,} tokens, "
+          f"val {meta['val']['tokens']:,} tokens", flush=True)
+
+    # 1. lr x batch grid at one size (small, so first)
+    t_hp = time.time()
+    hp_table_path = run_sweep(hp_grid(args.scale), work / "hparams", data_path=str(data), workers=args.workers)
+    t_hp = time.time() - t_hp
+    # 2. main sweep
+    t_main = time.time()
+    table_path = run_sweep(main_grid(args.scale), work / "sweep", data_path=str(data), workers=args.workers)
+    t_main = time.time() - t_main
+    shutil.copy(table_path, out / "runs.csv")
+    shutil.copy(hp_table_path, out / "hparam_runs.csv")
+
+    # 3. fit without the largest-compute runs
+    table = load_table(out / "runs.csv", adapter="runs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        fit = fit_parametric(table["N"], table["D"], table["loss"], n_bootstrap=args.bootstrap, seed=0,
+                             holdout=args.holdout)
+    plots = [plot_loss_vs_compute(table, fit, out / "loss_vs_compute.png"),
+             plot_fitted_vs_measured(table, fit, out / "fitted_vs_measured.png")]
+
+    # 4. the lr x batch grid against Step Law
+    hp = load_table(out / "hparam_runs.csv", adapter="runs")
+    raw = [json.loads(line) for line in (work / "hparams" / "runs.jsonl").read_text().splitlines() if line.strip()]
+    best = int(np.argmin(hp["loss"]))
+    N_hp, D_hp = float(hp["N"][0]), float(hp["D"][0])
+    law = suggest(N_hp, D_hp, SEQ_LEN)
+    published = next(i for i, r in enumerate(raw) if r["lr_rule"] == "steplaw" and r["batch_rule"] == "steplaw")
+    rule = next(i for i, r in enumerate(raw) if r["lr_rule"] == "fixed" and r["batch_rule"] == "steplaw")
+    plots.append(plot_hp_grid(hp, raw, published, rule, best, out / "lr_batch_grid.png"))
+
+    wall = time.time() - t0
+    held = fit.holdout
+    worst = max(abs(h["rel_err"]) for h in held)
+    result = {
+        "corpus": corpus_name, "vocab": meta["vocab_size"], "train_tokens": meta["train"]["tokens"],
+        "sizes": sorted(set(float(n) for n in table["N"])), "tokens": sorted(set(float(d) for d in table["D"])),
+        "fit": fit.to_dict(), "holdout": held, "worst_abs_rel_err": worst, "target_rel_err": 0.015,
+        "hp_grid": {"N": N_hp, "D": D_hp, "best": raw[best], "published_step_law": raw[published], "rule": raw[rule],
+                    "published_gap": float(hp["loss"][published] / hp["loss"][best] - 1),
+                    "rule_gap": float(hp["loss"][rule] / hp["loss"][best] - 1), "step_law": law},
+        "seconds": {"total": wall, "main_sweep": t_main, "hp_grid": t_hp}, "load_avg_start": load0,
+        "load_avg_end": os.getloadavg()[0], "rule": {"lr": f"{RULE_LR:g} (D/{RULE_D:g})^{RULE_D_EXP}", "batch": "Step Law published"},
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    md = render(result, table, fit, hp, raw, published, rule, best, plots, summary_lines(fit), args)
+    (out / "results.md").write_text(md)
+    print(md)
+    print(f"wrote {out}/results.md, results.json, runs.csv, hparam_runs.csv, " + ", ".join(p.name for p in plots))
+    return 0 if worst <= 0.015 else 1
+
+
+def plot_hp_grid(hp, raw, published, rule, best, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for b in sorted(set(hp["batch_tokens"])):
+        m = hp["batch_tokens"] == b
+        order = np.argsort(hp["lr"][m])
+        ax.plot(hp["lr"][m][order], hp["loss"][m][order], "o-", ms=4, label=f"batch {b:,.0f} tokens")
+    ax.scatter([hp["lr"][published]], [hp["loss"][published]], marker="^", s=120, facecolors="none", edgecolors="r",
+               label="Step Law, published coefficients", zorder=4)
+    ax.scatter([hp["lr"][rule]], [hp["loss"][rule]], marker="s", s=120, facecolors="none", edgecolors="k",
+               label="this sweep's rule", zorder=4)
+    ax.scatter([hp["lr"][best]], [hp["loss"][best]], marker="*", s=140, color="gold", edgecolors="k", label="grid best",
+               zorder=5)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
+           title=f"lr x batch grid: N={hp['N'][0]:,.0f}, D={hp['D'][0]:,.0f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def render(res, table, fit, hp, raw, published, rule, best, plots, fit_lines, args) -> str:
+    lines = ["# Predictable scale on 2 CPU cores", "",
+             f"Command: `python bench/predictable_scale.py --corpus {args.corpus} --holdout {args.holdout}"
+             + (f" --scale {args.scale:g}" if args.scale != 1 else "") + "`", "",
+             f"Corpus: {res['corpus']} (vocab {res['vocab']}, {res['train_tokens']:,} train tokens). "
+             f"{len(res['sizes'])} sizes, N {fmt_n(min(res['sizes']))}-{fmt_n(max(res['sizes']))} "
+             f"({max(res['sizes']) / min(res['sizes']):.1f}x), token budgets "
+             + ", ".join(fmt_n(d) for d in res["tokens"]) + f"; lr {res['rule']['lr']}, batch: {res['rule']['batch']}.",
+             f"Wall time {res['seconds']['total'] / 60:.1f} min (main sweep {res['seconds']['main_sweep'] / 60:.1f} min, "
+             f"lr x batch grid {res['seconds']['hp_grid'] / 60:.1f} min; 0 for runs already finished); "
+             f"load average {res['load_avg_start']:.1f} at start, {res['load_avg_end']:.1f} at end.", "",
+             f"## Held-out prediction (fit on {fit.n} runs, the {len(res['holdout'])} largest-compute runs held out)", "",
+             "| N | D | C = 6ND | measured val loss | predicted | 95% interval | error |", "|---|---|---|---|---|---|---|"]
+    for h in res["holdout"]:
+        lines.append(f"| {h['N']:,.0f} | {h['D']:,.0f} | {h['C']:.3g} | {h['measured']:.4f} | {h['predicted']:.4f} | "
+                     f"[{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}] | {h['rel_err']:+.2%} |")
+    ok = "met" if res["worst_abs_rel_err"] <= 0.015 else "MISSED"
+    lines += ["", f"Worst |error| {res['worst_abs_rel_err']:.2%} (target 1.5%: {ok}).", "",
+              "## All runs: final validation loss (fitted value in parentheses)", ""]
+    Ds = sorted(set(table["D"]))
+    lines += ["| N \\ D | " + " | ".join(fmt_n(d) for d in Ds) + " |", "|---|" + "---|" * len(Ds)]
+    held = {(h["N"], h["D"]) for h in res["holdout"]}
+    for n in sorted(set(table["N"])):
+        cells = []
+        for d in Ds:
+            m = (table["N"] == n) & (table["D"] == d)
+            if m.any():
+                v = float(table["loss"][m][0])
+                star = "*" if (float(n), float(d)) in held else ""
+                cells.append(f"{v:.4f}{star} ({float(fit.predict(n, d)):.4f})")
+            else:
+                cells.append("")
+        lines.append(f"| {n:,.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "\\* held out of the fit.", "", "```", *fit_lines, "```", ""]
+    g = res["hp_grid"]
+    lines += [f"## lr x batch grid at N = {g['N']:,.0f}, D = {g['D']:,.0f}", "",
+              "| lr \\ batch tokens | " + " | ".join(f"{b:,.0f}" for b in sorted(set(hp["batch_tokens"]))) + " |",
+              "|---|" + "---|" * len(set(hp["batch_tokens"]))]
+    for lr in sorted(set(hp["lr"]), reverse=True):
+        cells = []
+        for b in sorted(set(hp["batch_tokens"])):
+            m = np.flatnonzero((hp["lr"] == lr) & (hp["batch_tokens"] == b))
+            if not len(m):
+                cells.append("")
+                continue
+            i = int(m[0])
+            tag = (" **best**" if i == best else "") + (" (Step Law)" if i == published else "") + (" (rule)" if i == rule else "")
+            cells.append(f"{hp['loss'][i]:.4f}{tag}")
+        lines.append(f"| {lr:.3g} | " + " | ".join(cells) + " |")
+    pub_ok = "within" if g["published_gap"] <= 0.01 else "NOT within"
+    rule_ok = "within" if g["rule_gap"] <= 0.01 else "NOT within"
+    lines += ["", f"Step Law, published coefficients: lr {g['step_law']['lr']:.3g}, batch {g['step_law']['batch_tokens']:,.0f} "
+              f"tokens -> loss {g['published_step_law']['loss']:.4f}, {g['published_gap']:+.2%} vs the grid best "
+              f"{g['best']['loss']:.4f} (lr {g['best']['lr']:.3g}, batch {g['best']['batch_tokens']:,}): {pub_ok} 1%.",
+              f"This sweep's rule (lr {g['rule']['lr']:.3g}, Step Law batch): loss {g['rule']['loss']:.4f}, "
+              f"{g['rule_gap']:+.2%} vs the grid best: {rule_ok} 1%.", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
