@@ -29,14 +29,10 @@ from steplab.errors import FitError
 CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~3.2M train tokens, so no run repeats data
 VOCAB_SIZE = 4096
 SEQ_LEN = 256
-# The sweep: 4 sizes over 8x in N, 3 token budgets each.
-SIZES = [
-    {"d_model": 48, "n_layer": 2, "n_head": 2},    # N =  55,296
-    {"d_model": 64, "n_layer": 2, "n_head": 2},    # N = 106,496
-    {"d_model": 80, "n_layer": 3, "n_head": 2},    # N = 261,120
-    {"d_model": 96, "n_layer": 4, "n_head": 2},    # N = 442,368
-]
-TOKENS = [150_000, 300_000, 600_000]
+# The sweep: one family of shapes (2 layers, 2 heads, width varies), 4 sizes over 6.7x in N, 3 token budgets.
+FAMILY = {"n_layer": 2, "n_head": 2}
+SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96)]  # N = 32,768 / 55,296 / 106,496 / 221,184
+TOKENS = [200_000, 400_000, 800_000]
 # lr and batch: Step Law's form. Its published lr (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) asks
 # for 6e-3 to 5e-2 at these sizes, 2-8x the best lr that exploratory runs found (about 3e-3 at D = 0.5M for
 # 55k, 106k and 852k parameters alike), so the lr uses our coefficients: 3e-3 (D / 0.5M)^0.307, flat in N.
@@ -194,7 +190,7 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     from steplab.models import count_params
 
     kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
-              warmup_fraction=grid["warmup_fraction"])
+              warmup_fraction=grid["warmup_fraction"], **FAMILY)
     notes = []
     Ns = np.unique(table["N"])
     lo, hi = float(Ns.min()), 4 * float(Ns.max())

@@ -60,6 +60,14 @@ def test_shape_hits_target_N(target):
     assert m["d_model"] % m["n_head"] == 0
 
 
+def test_shape_in_a_fixed_family():
+    for target in (3.3e4, 2.4e5, 9e5):
+        shape = find_shape(target, seq_len=256, n_layer=2, n_head=2)
+        assert shape["model"]["n_layer"] == 2 and shape["model"]["n_head"] == 2 and abs(shape["rel_err"]) < 0.02
+    with pytest.raises(ConfigError, match="no model shape"):
+        find_shape(1e3, seq_len=256, n_layer=8)
+
+
 def test_plan_config_is_a_train_config_hitting_N(tmp_path):
     p = plan(compute=2e13, fit=coefficients_fit(**LAW), seq_len=256)
     for name in ("plan.toml", "plan.json"):
@@ -174,6 +182,9 @@ def test_sweep_run_ids_are_deterministic(tiny_data):
     law["lr"], law["batch_tokens"] = ["steplaw", "steplaw*0.5"], ["steplaw"]
     runs = expand_grid(law, str(tiny_data))
     assert len(runs) == 8
+    flat = {**law, "hparams": {"lr_coef_N": 0.0, "lr_intercept": -5.0}}  # "steplaw" with our own coefficients
+    import math
+    assert expand_grid(flat, str(tiny_data))[0].config["train"]["lr"] == pytest.approx(math.exp(-5.0) * 1536 ** 0.307)
     N, D = count_params(resolve(None, None, ["model.d_model=32", "model.n_layer=1", "model.n_head=2"]).model)["N"], 1536
     assert runs[0].config["train"]["lr"] == pytest.approx(suggest(N, D)["lr"])
     assert runs[1].config["train"]["lr"] == pytest.approx(0.5 * suggest(N, D)["lr"])
@@ -185,6 +196,7 @@ def test_sweep_run_ids_are_deterministic(tiny_data):
     ({"lr": ["fast"]}, "give a number, 'steplaw'"),
     ({"tokens": [10]}, "at least one sequence"),
     ({"sizes": [{"d_model": 30, "n_head": 4}]}, "does not divide"),
+    ({"hparams": {"lr_slope": 1.0}}, "unknown \\[hparams\\] key"),
 ])
 def test_sweep_grid_errors(tiny_data, patch, message):
     with pytest.raises(ConfigError, match=message):

@@ -128,13 +128,16 @@ def _head_dim(d: int) -> int | None:
 
 
 def find_shape(target: float, *, moe: bool = False, seq_len: int = 2048, aspect: tuple[float, float] = (32, 128),
-               max_layers: int = 160) -> dict[str, Any]:
+               max_layers: int = 160, n_layer: int | None = None, n_head: int | None = None) -> dict[str, Any]:
     """Model settings whose N (dense) or N_active (MoE) is closest to ``target``, among d_model in steps
     of 16 up to 256, 32 up to 1024 and 128 above, n_layer with d_model/n_layer in ``aspect``, head dim 32-128,
-    and d_ff (d_expert for MoE) within 2x-4x of d_model (the SwiGLU default is 8/3) rounded to a multiple of 8-64.
+    and d_ff (d_expert for MoE) within 2x-4.3x of d_model (the SwiGLU default is 8/3; d_model 32 rounds it up
+    to 4x) rounded to a multiple of 8-64.
 
     Among shapes within ~1% of the target, the score prefers an aspect ratio near 64 and d_ff near the
-    default. Returns {"model": {...}, "N": ..., "N_active": ..., "rel_err": ...}."""
+    default. ``n_layer`` / ``n_head`` fix the depth / head count (a family of shapes that varies width only,
+    as a sweep may use; then the aspect-ratio limits do not apply). Returns {"model": {...}, "N": ...,
+    "N_active": ..., "rel_err": ...}."""
     from steplab.config import ModelConfig
     from steplab.models import count_params
 
@@ -143,10 +146,15 @@ def find_shape(target: float, *, moe: bool = False, seq_len: int = 2048, aspect:
     best = None
     d_values = list(range(32, 256, 16)) + list(range(256, 1025, 32)) + list(range(1152, 16385, 128))
     for d in d_values:
-        hd = _head_dim(d)
+        if n_head is not None:
+            hd = d // n_head if d % n_head == 0 and (d // n_head) % 2 == 0 else None
+        else:
+            hd = _head_dim(d)
         if hd is None:
             continue
         lo, hi = max(1, math.ceil(d / aspect[1])), min(max_layers, math.floor(d / aspect[0]))
+        if n_layer is not None:
+            lo = hi = n_layer
         attn = 4 * d * d
         gran = _ff_granularity(d)
         for L in range(lo, hi + 1):
@@ -158,7 +166,7 @@ def find_shape(target: float, *, moe: bool = False, seq_len: int = 2048, aspect:
             else:
                 ideal = (per_layer - attn) / (3 * d)
                 default = 8 * d / 3
-            if not 0.75 * default <= ideal <= 1.5 * default:  # d_ff within 2x-4x of d_model
+            if not 0.75 * default <= ideal <= 1.6 * default:  # d_ff within 2x-4.3x of d_model
                 continue
             ff = max(gran, int(round(ideal / gran)) * gran)
             model = {"d_model": d, "n_layer": L, "n_head": d // hd, "n_kv_head": d // hd, "max_seq_len": seq_len}
@@ -169,13 +177,14 @@ def find_shape(target: float, *, moe: bool = False, seq_len: int = 2048, aspect:
                 model["d_ff"] = ff
             counts = count_params(_model_config(ModelConfig, model))
             n = counts["N_active"]
-            score = (20 * abs(math.log(n / target)) + abs(math.log(d / L / 64))
+            score = (20 * abs(math.log(n / target)) + (0 if n_layer else abs(math.log(d / L / 64)))
                      + 2 * abs(math.log(ff / default)))
             if best is None or score < best[0]:
                 best = (score, model, counts)
     if best is None:
-        raise ConfigError(f"plan: no model shape reaches N = {target:.3g} (d_model 32-16384, "
-                          f"d_model/n_layer {aspect[0]:g}-{aspect[1]:g}); is the target sensible?")
+        fixed = f", n_layer {n_layer}" if n_layer else f", d_model/n_layer {aspect[0]:g}-{aspect[1]:g}"
+        raise ConfigError(f"plan: no model shape reaches N = {target:.3g} (d_model 32-16384{fixed}, d_ff 2x-4.3x "
+                          "d_model); is the target sensible?")
     _, model, counts = best
     n = counts["N_active"]
     return {"model": model, "N": counts["N"], "N_active": n, "rel_err": n / target - 1}
@@ -263,14 +272,16 @@ class Plan:
 def plan(compute: float | None = None, params: float | None = None, tokens: float | None = None, *,
          fit: Any = None, seq_len: int = 2048, moe: bool = False, hparams: HparamCoefs | None = None,
          base: dict[str, Any] | None = None, data_path: str | None = None, max_micro_batch: int = 32,
-         warmup_fraction: float = 0.05, level: float = 0.95) -> Plan:
+         warmup_fraction: float = 0.05, level: float = 0.95, n_layer: int | None = None,
+         n_head: int | None = None) -> Plan:
     """Plan a run from one (or two) of compute, params, tokens; see the module docstring.
 
     ``fit``: a ParametricFit (e.g. ``fit_parametric`` on your sweep), coefficients (dict/sequence of E, A, B,
     alpha, beta), or None for Epoch's published ones. ``hparams``: Step Law coefficients (default published).
     ``base``: a nested config dict the train config is built on (e.g. the sweep's fixed settings), so the
     planned run is trained the way the law's runs were. ``max_micro_batch``: sequences per forward pass;
-    larger batches use gradient accumulation.
+    larger batches use gradient accumulation. ``n_layer``/``n_head``: keep the shape in a sweep's family
+    (see ``find_shape``).
     """
     from steplab.config import RunConfig, _deep_update
 
@@ -283,7 +294,7 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
         notes.append("the default law is fitted to Chinchilla's MassiveText runs: its loss values are for that data "
                      "and tokenizer; for yours, fit your own sweep (steplab law sweep, then --from runs.csv)")
 
-    shape = find_shape(N, moe=moe, seq_len=seq_len)
+    shape = find_shape(N, moe=moe, seq_len=seq_len, n_layer=n_layer, n_head=n_head)
     N_model, N_active_model = shape["N"], shape["N_active"]
     lr_N = N_model  # total N; equals N_active for dense
     hp = suggest(lr_N, D, seq_len, hparams)

@@ -93,6 +93,7 @@ def row_bucket(n_rows: int, n_experts: int) -> int:
     return int(min(128, max(16, 2 ** round(math.log2(max(mean / 8, 1.0))))))
 
 
+@torch.compiler.disable  # a one-off probe with a backward inside: never traced by torch.compile
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Does ``torch._grouped_mm`` run forward and backward here? (CPU: yes in torch >= 2.9, fp32 and bf16.)"""
@@ -221,9 +222,10 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> dict[str, float]:
-        """After an optimizer step: move the bias toward balance, report the step's load, reset the counts."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.load)  # data parallel: every rank applies the global load, stays in sync
+        """After an optimizer step: move the bias toward balance, report the step's load, reset the counts.
+
+        Under data parallelism the trainer sums ``load`` over ranks first (train/distributed.py), so every
+        rank moves its bias identically."""
         load = self.load.float()
         if load.sum() == 0:  # no training forward since the last update
             return {}
