@@ -4,8 +4,8 @@
                                       [--work runs/predictable_scale] [--holdout 2] [--scale 1.0]
 
 1. Main sweep: 6 dense sizes (33k to 885k non-embedding parameters, 27x) x 3 token budgets (0.5M, 1M, 2M),
-   on real text: the Python standard library (default; ~3.2M train tokens, so no run repeats data) or
-   ../shared/data tinystories + tinyshakespeare (``--corpus shared``; ~0.5M tokens, so runs repeat it).
+   on real text: the Python standard library (default; BPE vocab 1024, ~4.3M train tokens, so no run repeats
+   data) or ../shared/data tinystories + tinyshakespeare (``--corpus shared``; ~0.7M tokens: runs repeat it).
    lr and batch follow one rule for every run (below); the final validation loss is the loss fitted.
 2. Fit L = E + A/N^alpha + B/D^beta on all but the ``--holdout`` largest-compute runs and predict those.
    Target: within 1.5% relative error.
@@ -43,7 +43,7 @@ SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 48, 64, 96, 128
 # N = 32,768 / 55,296 / 106,496 / 221,184 / 425,984 / 884,736: 27x
 TOKENS = [500_000, 1_000_000, 2_000_000]
 SEQ_LEN = 256
-VOCAB = 4096
+VOCAB = 1024  # not 4096: see steplab/quickstart.py (embeddings dominate tiny models; no N term to fit)
 RULE_LR, RULE_D, RULE_D_EXP = 3e-3, 5e5, 0.307  # lr = RULE_LR (D / RULE_D)^RULE_D_EXP, flat in N
 RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_D_EXP * math.log(RULE_D), "lr_coef_N": 0.0,
                 "lr_coef_D": RULE_D_EXP}
@@ -57,7 +57,7 @@ FIXED = {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
 def prepare(corpus: str, work: Path) -> Path:
     from steplab.data.prepare import META, prepare_data
 
-    data = work / f"data_{corpus}"
+    data = work / f"data_{corpus}_v{VOCAB}"
     if (data / META).is_file():
         return data
     if corpus == "stdlib":
@@ -123,6 +123,9 @@ def main() -> int:
                    else "tinystories (794 KB) + tinyshakespeare (1.1 MB) from ../shared/data")
     print(f"corpus: {corpus_name}; vocab {meta['vocab_size']}, train {meta['train']['tokens']:,} tokens, "
           f"val {meta['val']['tokens']:,} tokens", flush=True)
+    if max(TOKENS) * args.scale > meta["train"]["tokens"]:
+        print(f"warning: the largest budget ({max(TOKENS) * args.scale:,.0f} tokens) repeats the train split; "
+              "repeated data lowers the benefit of more tokens, which a fit on fresh data does not expect", flush=True)
 
     # 1. lr x batch grid at one size (small, so first)
     t_hp = time.time()

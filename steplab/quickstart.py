@@ -26,13 +26,18 @@ import numpy as np
 from steplab.data.prepare import META, prepare_data
 from steplab.errors import FitError
 
-CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~3.2M train tokens, so no run repeats data
-VOCAB_SIZE = 4096
+CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~4.3M train tokens, so no run repeats data
+# 1024, not 4096: at these sizes a 4096-token vocabulary puts most parameters and compute in the embedding and
+# lm_head (d_model 64: 524k embedding vs 106k non-embedding parameters); the loss then hardly depended on N
+# (a 2-layer d_model 96 model lost to d_model 64 at 800k tokens) and the fit had no N term to find. At 1024
+# the loss falls with N at every budget, and training runs about 2x faster.
+VOCAB_SIZE = 1024
 SEQ_LEN = 256
-# The sweep: one family of shapes (2 layers, 2 heads, width varies), 4 sizes over 6.7x in N, 3 token budgets.
+# The sweep: one family of shapes (2 layers, 2 heads, the width varies), 5 sizes over 13x in N, 3 token
+# budgets. Mixing depths misleads at this scale: a 3-layer model sat 5% above the 2-layer one next to it.
 FAMILY = {"n_layer": 2, "n_head": 2}
-SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96)]  # N = 32,768 / 55,296 / 106,496 / 221,184
-TOKENS = [200_000, 400_000, 800_000]
+SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96, 128)]  # N = 33k / 55k / 106k / 221k / 426k
+TOKENS = [300_000, 700_000, 1_500_000]
 # lr and batch: Step Law's form. Its published lr (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) asks
 # for 6e-3 to 5e-2 at these sizes, 2-8x the best lr that exploratory runs found (about 3e-3 at D = 0.5M for
 # 55k, 106k and 852k parameters alike), so the lr uses our coefficients: 3e-3 (D / 0.5M)^0.307, flat in N.
