@@ -1,9 +1,9 @@
 """Predictable scale on this machine (issue 3, item 3): sweep, fit without the largest runs, predict them.
 
     python bench/predictable_scale.py [--corpus stdlib|shared] [--out bench/results/predictable_scale]
-                                      [--work runs/predictable_scale] [--holdout 2] [--scale 1.0]
+                                      [--work runs/predictable_scale] [--holdout 3] [--scale 1.0]
 
-1. Main sweep: 6 dense sizes (33k to 885k non-embedding parameters, 27x) x 3 token budgets (0.5M, 1M, 2M),
+1. Main sweep: 7 dense sizes (33k to 1.6M non-embedding parameters, 49x) x 3 token budgets (0.5M, 1M, 2M),
    on real text: the Python standard library (default; BPE vocab 1024, ~4.3M train tokens, so no run repeats
    data) or ../shared/data tinystories + tinyshakespeare (``--corpus shared``; ~0.7M tokens: runs repeat it).
    lr and batch follow one rule for every run (below); the final validation loss is the loss fitted.
@@ -13,10 +13,12 @@
    choice lands against the grid's best loss (target: within 1%), and where this sweep's rule lands.
 
 The lr rule. Published Step Law (lr = 1.79 N^-0.713 D^0.307) is fitted on 2e8-1e9 parameters; 3 to 4 orders
-of magnitude below, it asks for 6e-3 to 5e-2 here, while 13 exploratory runs at D = 0.5M found the best lr
-near 3e-3 for 55k, 106k and 852k parameters alike (flat in N). So the sweep uses Step Law's form with our
-coefficients: lr = 3e-3 (D / 0.5M)^0.307 (N exponent 0, Step Law's D exponent), and Step Law's published
-batch law. Both the rule and the published law are checked by the grid.
+of magnitude below, it asks for 3-10x the best lr that exploratory runs found here (vocab 1024, D = 0.5M: about
+3-4e-3 at N = 106k, 2.5-3e-3 at 426k, ~2e-3 at 885k). Above the best lr there is a cliff: a run either trains
+normally or stalls near loss 4.2 (d_model 64: 3.48 at lr 6e-3 in one run, 4.16 at 6.2e-3 in another), so the
+rule stays below it: lr = 3e-3 (N/1.06e5)^-0.3 (D/5e5)^0.307 (Step Law's form and D exponent, our
+coefficients), with Step Law's published batch law. The grid checks the rule and the published law; the
+rule was calibrated on exploratory runs that include the grid's size.
 
 Resumable: every run goes through ``steplab.law.sweep`` (finished runs are skipped, killed ones resumed), so
 re-running the command after an interruption continues where it stopped. Writes runs.csv, hparam_runs.csv,
@@ -39,16 +41,17 @@ import numpy as np
 # One family of shapes: 2 layers, 2 heads, the width varies (mixing depths 2-5 at these budgets put a
 # 3-layer model 5% above the 2-layer one next to it: depth changes how fast tiny models learn, which a law
 # in N alone cannot follow).
-SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 48, 64, 96, 128, 192)]
-# N = 32,768 / 55,296 / 106,496 / 221,184 / 425,984 / 884,736: 27x
+SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 48, 64, 96, 128, 192, 256)]
+# N = 32,768 / 55,296 / 106,496 / 221,184 / 425,984 / 884,736 / 1,605,632: 49x
 TOKENS = [500_000, 1_000_000, 2_000_000]
 SEQ_LEN = 256
 VOCAB = 1024  # not 4096: see steplab/quickstart.py (embeddings dominate tiny models; no N term to fit)
-RULE_LR, RULE_D, RULE_D_EXP = 3e-3, 5e5, 0.307  # lr = RULE_LR (D / RULE_D)^RULE_D_EXP, flat in N
-RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_D_EXP * math.log(RULE_D), "lr_coef_N": 0.0,
-                "lr_coef_D": RULE_D_EXP}
+# lr = RULE_LR (N / RULE_N)^RULE_N_EXP (D / RULE_D)^RULE_D_EXP: Step Law's form with our coefficients
+RULE_LR, RULE_N, RULE_N_EXP, RULE_D, RULE_D_EXP = 3e-3, 1.06e5, -0.3, 5e5, 0.307
+RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_N_EXP * math.log(RULE_N) - RULE_D_EXP * math.log(RULE_D),
+                "lr_coef_N": RULE_N_EXP, "lr_coef_D": RULE_D_EXP}
 HP_SIZE, HP_TOKENS = {"d_model": 64, "n_layer": 2, "n_head": 2}, 500_000
-HP_LR = ["steplaw", "steplaw*0.25", "steplaw*0.0625"]  # + the rule's lr (~steplaw*0.115)
+HP_LR_FACTORS = [2.0, 2 ** 0.5, 1.0, 2 ** -0.5, 0.5]  # x the rule's lr, plus Step Law's published lr
 HP_BATCH = ["steplaw*0.5", "steplaw", "steplaw*2"]
 FIXED = {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
          "train": {"min_lr_ratio": 0.0}}  # anneal to ~0 as Step Law's runs do (they decay to 1e-5)
@@ -84,12 +87,17 @@ def main_grid(scale: float) -> dict:
 
 
 def hp_grid(scale: float) -> dict:
-    return {"sizes": [HP_SIZE], "tokens": [int(HP_TOKENS * scale)], "lr": HP_LR + [_rule_lr(HP_TOKENS * scale)],
+    from steplab.config import RunConfig
+    from steplab.models import count_params
+
+    N = count_params(RunConfig.from_dict({"model": HP_SIZE}).model)["N"]
+    rule = _rule_lr(N, HP_TOKENS * scale)
+    return {"sizes": [HP_SIZE], "tokens": [int(HP_TOKENS * scale)], "lr": ["steplaw"] + [rule * f for f in HP_LR_FACTORS],
             "batch_tokens": HP_BATCH, "eval_tokens": 131072, "warmup_fraction": 0.05, "fixed": FIXED}
 
 
-def _rule_lr(D: float) -> float:
-    return RULE_LR * (D / RULE_D) ** RULE_D_EXP
+def _rule_lr(N: float, D: float) -> float:
+    return RULE_LR * (N / RULE_N) ** RULE_N_EXP * (D / RULE_D) ** RULE_D_EXP
 
 
 def fmt_n(x: float) -> str:
@@ -101,7 +109,7 @@ def main() -> int:
     ap.add_argument("--corpus", choices=["stdlib", "shared"], default="stdlib")
     ap.add_argument("--out", default="bench/results/predictable_scale", help="results: tables, report, plots")
     ap.add_argument("--work", default="runs/predictable_scale", help="run directories (large; not for git)")
-    ap.add_argument("--holdout", type=int, default=2, help="largest-compute runs left out of the fit (default 2)")
+    ap.add_argument("--holdout", type=int, default=3, help="largest-compute runs left out of the fit (default 3)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every token budget (smoke tests: 0.05)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -154,7 +162,9 @@ def main() -> int:
     N_hp, D_hp = float(hp["N"][0]), float(hp["D"][0])
     law = suggest(N_hp, D_hp, SEQ_LEN)
     published = next(i for i, r in enumerate(raw) if r["lr_rule"] == "steplaw" and r["batch_rule"] == "steplaw")
-    rule = next(i for i, r in enumerate(raw) if r["lr_rule"] == "fixed" and r["batch_rule"] == "steplaw")
+    rule_lr = _rule_lr(N_hp, float(HP_TOKENS * args.scale))
+    rule = next(i for i, r in enumerate(raw) if r["lr_rule"] == "fixed" and r["batch_rule"] == "steplaw"
+                and abs(r["lr"] / rule_lr - 1) < 1e-9)
     plots.append(plot_hp_grid(hp, raw, published, rule, best, out / "lr_batch_grid.png"))
 
     wall = time.time() - t0
@@ -168,7 +178,8 @@ def main() -> int:
                     "published_gap": float(hp["loss"][published] / hp["loss"][best] - 1),
                     "rule_gap": float(hp["loss"][rule] / hp["loss"][best] - 1), "step_law": law},
         "seconds": {"total": wall, "main_sweep": t_main, "hp_grid": t_hp}, "load_avg_start": load0,
-        "load_avg_end": os.getloadavg()[0], "rule": {"lr": f"{RULE_LR:g} (D/{RULE_D:g})^{RULE_D_EXP}", "batch": "Step Law published"},
+        "load_avg_end": os.getloadavg()[0],
+        "rule": {"lr": f"{RULE_LR:g} (N/{RULE_N:g})^{RULE_N_EXP} (D/{RULE_D:g})^{RULE_D_EXP}", "batch": "Step Law published"},
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     md = render(result, table, fit, hp, raw, published, rule, best, plots, summary_lines(fit), args)

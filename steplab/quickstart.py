@@ -37,12 +37,14 @@ SEQ_LEN = 256
 # budgets. Mixing depths misleads at this scale: a 3-layer model sat 5% above the 2-layer one next to it.
 FAMILY = {"n_layer": 2, "n_head": 2}
 SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96, 128)]  # N = 33k / 55k / 106k / 221k / 426k
-TOKENS = [300_000, 700_000, 1_500_000]
-# lr and batch: Step Law's form. Its published lr (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) asks
-# for 6e-3 to 5e-2 at these sizes, 2-8x the best lr that exploratory runs found (about 3e-3 at D = 0.5M for
-# 55k, 106k and 852k parameters alike), so the lr uses our coefficients: 3e-3 (D / 0.5M)^0.307, flat in N.
-# The batch is Step Law's published law. bench/predictable_scale.py checks both on an lr x batch grid.
-HPARAMS = {"lr_intercept": math.log(3e-3) - 0.307 * math.log(5e5), "lr_coef_N": 0.0, "lr_coef_D": 0.307}
+TOKENS = [250_000, 500_000, 1_000_000]
+# lr and batch: Step Law's form, lr = c N^a D^b and batch = 0.58 D^0.571 (published). Its published lr
+# (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) is 3-10x too large at these sizes: at D = 0.5M the best
+# lr of exploratory runs was about 3-4e-3 at N = 106k, 2.5-3e-3 at 426k and ~2e-3 at 885k, and above it lies
+# a cliff where runs stall near loss 4.2. So the lr uses our own coefficients, a little below the best:
+# 3e-3 (N / 1.06e5)^-0.3 (D / 5e5)^0.307 (Step Law's D exponent). bench/predictable_scale.py checks it.
+HPARAMS = {"lr_intercept": math.log(3e-3) + 0.3 * math.log(1.06e5) - 0.307 * math.log(5e5),
+           "lr_coef_N": -0.3, "lr_coef_D": 0.307}
 BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
 EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
@@ -87,7 +89,7 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
     runs = expand_grid(grid, str(data_dir))
     print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} runs "
           f"(N {min(_N(r) for r in runs):,}-{max(_N(r) for r in runs):,}, D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
-          f"lr 3e-3 (D/0.5M)^0.307, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
+          f"lr 3e-3 (N/1.06e5)^-0.3 (D/5e5)^0.307, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
     t_sweep = time.time()
     run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=1, progress=progress)
     t_sweep = time.time() - t_sweep
@@ -187,8 +189,10 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
 def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, max_tokens: float):
     """Plan the run at ``target_C`` and resolve its config with the sweep's own recipe (lr and batch rules,
     warmup fraction, eval tokens), so the law's runs and the predicted run differ only in N and D.
-    The plan stays where the law has support: N within the swept sizes up to 4x, and D within one pass over
-    the corpus (repeated data would make the loss worse than a law fitted on fresh data predicts)."""
+    The plan stays where the law has support: N up to 4x the largest swept size, D up to 3x the largest swept
+    budget and within one pass over the corpus (repeated data would make the loss worse than a law fitted on
+    fresh data predicts); if the compute-optimal point lies outside, the nearest allowed point at the same
+    compute is planned instead, and the report says so."""
     from steplab.config import RunConfig
     from steplab.law.plan import plan, write_config
     from steplab.law.sweep import expand_grid, hparam_coefs
@@ -205,9 +209,11 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
         if not lo <= N <= hi:
             N = float(np.clip(N, lo, hi))
             notes.append(f"the fit puts N_opt at {p.N:.3g}, outside {lo:.3g}-{hi:.3g} (the swept sizes up to 4x)")
-        if target_C / (6 * N) > max_tokens:
-            N = target_C / (6 * max_tokens)
-            notes.append(f"D is capped at {max_tokens:,.0f} tokens (one pass over the corpus' train split)")
+        D_cap = min(max_tokens, 3 * float(np.max(table["D"])))
+        if target_C / (6 * N) > D_cap:
+            N = target_C / (6 * D_cap)
+            notes.append(f"the fit puts D_opt at {p.D:.3g}; D is capped at {D_cap:,.0f} tokens (3x the largest "
+                         "swept budget, within one pass over the corpus)")
         if N != p.N:
             p = plan(compute=target_C, params=N, fit=fit, **kw)
             notes.append(f"planned N = {N:.3g}, D = {p.D:.3g} at the same compute instead")

@@ -27,7 +27,8 @@ config and of the dataset), so the same grid always maps to the same directories
 Resuming is the default: a run with ``summary.json`` is finished and skipped; a run directory without one
 (a crash, a kill, Ctrl-C) is continued from its latest checkpoint with ``resume=True``; a run that failed
 with a training error (divergence) leaves ``failed.json`` and is not retried unless ``retry_failed``.
-The tables are rewritten atomically after every finished run, so they are complete at any moment.
+The tables are rewritten atomically after every finished run, so they are complete at any moment; they hold
+this grid's runs only (run directories of an earlier grid in the same OUT stay on disk, out of the table).
 """
 from __future__ import annotations
 
@@ -424,17 +425,9 @@ def _row(r: SweepRun, s: dict, dataset: str) -> dict:
 
 
 def _write_tables(out: Path, runs: list[SweepRun], rows: dict[str, dict]) -> None:
-    """runs.csv + runs.jsonl: this grid's finished runs in grid order, then rows of other grids that an
-    earlier sweep into the same directory wrote (kept, so a directory can grow by several grids)."""
+    """runs.csv + runs.jsonl: this grid's finished runs, in grid order. Runs of an earlier, different grid in
+    the same directory stay on disk but leave the table (a fit should see one design)."""
     ordered = [rows[r.run_id] for r in runs if r.run_id in rows]
-    ids = {r.run_id for r in runs}
-    old = out / "runs.jsonl"
-    if old.is_file():
-        for line in old.read_text().splitlines():
-            if line.strip():
-                prev = json.loads(line)
-                if prev.get("run") not in ids:
-                    ordered.append(prev)
     keys = [c for c in TABLE_COLUMNS if any(c in row for row in ordered)]
     keys += sorted({k for row in ordered for k in row} - set(keys))
     buf = io.StringIO()
