@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,6 +86,24 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@contextmanager
+def building(out: Path):
+    """Yield a temporary directory beside ``out``; rename it onto ``out`` when the block succeeds, delete it
+    when it fails. An existing non-empty ``out`` is refused before any work."""
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"target {out} exists and is not empty; choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json).
 
@@ -95,7 +114,7 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"export target {out} exists and is not empty; choose another directory")
+        raise CheckpointError(f"target {out} exists and is not empty; choose another directory")
     cfg, model, tokenizer, step = load_run(run_dir, checkpoint=checkpoint)
     if cfg.model.moe.n_experts > 0:
         from steplab.export.hf_moe import export_config_and_weights
@@ -104,8 +123,7 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
         config, weights = llama_config_dict(cfg.model), to_hf_state_dict(model.state_dict(), cfg.model)
     config.update({"torch_dtype": "float32", "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id, "steplab_step": step})
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.tmp-"))
-    try:
+    with building(out) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
@@ -113,13 +131,6 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         for name in TOKENIZER_FILES:
             shutil.copy(Path(run_dir) / "tokenizer" / name, tmp / name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -161,10 +172,7 @@ def import_hf(hf_dir, out_run) -> Path:
     ours = from_hf_state_dict(weights, model)
     if model.tie_embeddings:
         ours.pop("lm_head.weight")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"import target {out} exists and is not empty; choose another directory")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.tmp-"))
-    try:
+    with building(out) as tmp:
         cfg = RunConfig(model=model)
         cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -176,11 +184,4 @@ def import_hf(hf_dir, out_run) -> Path:
         ckpt.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in ours.items()}, str(ckpt / "model.safetensors"))
         (ckpt / "state.json").write_text(json.dumps({"step": 0, "imported_from": str(hf_dir)}))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
