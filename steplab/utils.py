@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, JSON, device selection."""
+"""Small shared helpers: atomic file writes (temp file + rename)."""
 from __future__ import annotations
 
 import json
@@ -35,9 +35,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

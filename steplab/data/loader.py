@@ -78,10 +78,6 @@ class TokenLoader:
         while True:
             yield self.next_batch()
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.n_windows * self.seq_len
-
     def state_dict(self) -> dict[str, int]:
         """Plain ints, JSON-friendly. seq_len/n_windows/seed are stored to catch a changed setup."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
