@@ -3,6 +3,9 @@
 1. Quality at equal active compute: step2-SIZE (8 routed experts, top-2, 1 shared) and step1-SIZE (the same
    active N, so the same 6 N_a D) trained through the real trainer on the same real text, same tokens, same
    hyper-parameters; final validation loss of each and the wall-clock per token ratio MoE/dense.
+1b. Quality where capacity, not data, limits the model ("rich"): dense vs MoE pairs in the quickstart's shape
+   family (2 layers, vocab 1024, the whole stdlib) at 2M tokens (9-19 tokens per active parameter), several
+   seeds, trained through ``steplab.law.sweep`` (2 workers x 1 thread).
 2. Step time, interleaved (fwd + bwd + AdamW, one step of each model in turn, median of rounds), because the
    training runs above are sequential and this machine is shared.
 3. The MoE layer alone, forward + backward, identical config everywhere: ours (grouped ``_grouped_mm``), ours
@@ -14,7 +17,8 @@
    MoE vs a dense model with the same TOTAL N (d_ff = (E + n_shared) * d_expert) and vs step1-SIZE.
 
     python bench/moe_vs_dense.py --quick          # ~2 min smoke run
-    python bench/moe_vs_dense.py                  # the full run recorded in docs/benchmarks.md
+    python bench/moe_vs_dense.py --size micro --steps 200 --seeds 3 --threads 2 --parts train step layer memory
+    python bench/moe_vs_dense.py --parts rich     # ~10 min: the tokens-rich pairs (docs/benchmarks.md)
 
 Data: the Python stdlib corpus (``prepare_data("stdlib", max_bytes=8e6)``, ~2.1M train tokens, so the full run
 sees each token at most once); ``--data PATH`` uses a file or folder instead (e.g.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from statistics import mean
 import subprocess
@@ -107,6 +112,48 @@ def train_pair(size: str, data: Path, steps: int, threads: int, seeds: int, work
             run["tok_per_s"].append(s["tok_per_s"])
             run["moe_stats"].append({k: v for k, v in last.items() if k.startswith("moe")})
             print(f"  trained {name} (seed {seed}): val_loss {s['val_loss']:.4f}, {s['tok_per_s']:,.0f} tok/s", flush=True)
+    return out
+
+
+# ---- 1b. quality with many tokens per parameter, through the lab's own sweep runner ---------------------------
+
+def rich_pairs(widths: list[int], tokens: float, seeds: int, workers: int, cache: Path, work: Path) -> dict[int, dict]:
+    """Dense vs MoE where capacity, not data, limits the model: the quickstart's shape family (2 layers, 2 heads,
+    vocab 1024, the whole stdlib: ~4.3M train tokens, no repeats) at D = ``tokens`` (9-19 tokens per active
+    parameter at widths 128-64). The MoE has 8 routed experts (top-2) + 1 shared of d_expert = d_ff / 3, so its
+    active N equals the dense N up to the router. Both train with the dense model's lr (the quickstart's rule)
+    and Step Law's batch, annealed to 0, through ``steplab.law.sweep`` (resumable; ``workers`` x 1 thread)."""
+    from steplab.config import ModelConfig
+    from steplab.data.prepare import prepare_data
+    from steplab.law.sweep import run_sweep
+    from steplab.quickstart import CORPUS_BYTES, FAMILY, HPARAMS, SEQ_LEN, VOCAB_SIZE
+
+    data = cache / f"stdlib_full_v{VOCAB_SIZE}"
+    if not (data / "meta.json").exists():
+        prepare_data("stdlib", data, vocab_size=VOCAB_SIZE, max_bytes=CORPUS_BYTES, progress=False)
+    out = {}
+    for d in widths:
+        dense = {"d_model": d, **FAMILY, "name": f"dense-d{d}"}
+        d_ff = ModelConfig(d_model=d, n_head=FAMILY["n_head"]).d_ff
+        moe = {**dense, "name": f"moe-d{d}",
+               "moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": d_ff // 3, "score": "sigmoid",
+                       "bias_update_rate": 1e-2}}
+        N = count_params(ModelConfig(vocab_size=VOCAB_SIZE, d_model=d, n_layer=FAMILY["n_layer"], n_head=FAMILY["n_head"]))["N"]
+        lr = math.exp(HPARAMS["lr_intercept"]) * N ** HPARAMS["lr_coef_N"] * tokens ** HPARAMS["lr_coef_D"]
+        grid = {"sizes": [dense, moe], "tokens": [tokens], "lr": [lr], "batch_tokens": ["steplaw"],
+                "seeds": list(range(seeds)), "eval_tokens": 131072, "warmup_fraction": 0.05,
+                "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN}, "train": {"min_lr_ratio": 0.0}}}
+        table = run_sweep(grid, work / f"d{d}", data_path=str(data), workers=workers, threads=1, progress=False)
+        rows = [json.loads(line) for line in table.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+        for name in ("dense", "moe"):
+            mine = sorted((r for r in rows if r["size"] == f"{name}-d{d}"), key=lambda r: r["seed"])
+            out.setdefault(d, {})[name] = {"N": mine[0]["N"], "N_active": mine[0]["N_active"], "D": mine[0]["D"],
+                                           "lr": lr, "batch_tokens": mine[0]["batch_tokens"],
+                                           "val_loss": [r["val_loss"] for r in mine],
+                                           "tok_per_s": [r["tok_per_s"] for r in mine]}
+        dl, ml = out[d]["dense"]["val_loss"], out[d]["moe"]["val_loss"]
+        print(f"  d_model {d}: dense " + ", ".join(f"{v:.4f}" for v in dl) + " | MoE " + ", ".join(f"{v:.4f}" for v in ml),
+              flush=True)
     return out
 
 
@@ -195,15 +242,15 @@ def hf_block(moe: MoE, impl: str):
     return block
 
 
-def layer_bench(d: int, de: int, rounds: int) -> dict:
+def layer_bench(d: int, de: int, n_experts: int, top_k: int, rounds: int) -> dict:
     cfg = ModelConfig(d_model=d, n_head=max(1, d // 64))
-    for k, v in dict(n_experts=8, top_k=2, n_shared=1, d_expert=de, score="softmax").items():
+    for k, v in dict(n_experts=n_experts, top_k=top_k, n_shared=1, d_expert=de, score="softmax").items():
         setattr(cfg.moe, k, v)
     torch.manual_seed(0)
     moe = MoE(cfg).train()
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0.0, 0.02)
-    dense = SwiGLU(d, 3 * de)  # top-2 + 1 shared: the same active FLOPs
+    dense = SwiGLU(d, (top_k + 1) * de)  # top-k + 1 shared: the same active FLOPs
     x = torch.randn(BATCH, SEQ, d)
     grad = torch.randn(BATCH, SEQ, d)
 
@@ -244,7 +291,8 @@ def layer_bench(d: int, de: int, rounds: int) -> dict:
         "dense SwiGLU, same active FLOPs": (dense, list(dense.parameters())),
     }
     runs = {name: fwd_bwd(fn, params, seed) for seed, (name, (fn, params)) in enumerate(variants.items())}
-    return {"d_model": d, "d_expert": de, "times": interleaved(runs, rounds, warmup=2), "max_abs_diff_fp32": max_diff}
+    return {"d_model": d, "d_expert": de, "n_experts": n_experts, "top_k": top_k,
+            "times": interleaved(runs, rounds, warmup=2), "max_abs_diff_fp32": max_diff}
 
 
 class _fallback:
@@ -322,6 +370,12 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a text file/folder instead of the stdlib corpus")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "steplab_bench"), help="prepared data lives here")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--parts", nargs="+", default=["train", "rich", "step", "layer", "memory"],
+                    choices=["train", "rich", "step", "layer", "memory"], help="which parts to run (default: all)")
+    ap.add_argument("--rich-widths", nargs="+", type=int, default=[64, 128], help="d_model of the tokens-rich pairs")
+    ap.add_argument("--rich-tokens", type=float, default=2e6, help="tokens per tokens-rich run (quick: 1e5)")
+    ap.add_argument("--rich-seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="parallel runs in the tokens-rich sweep (1 thread each)")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_probe:
@@ -342,55 +396,84 @@ def main() -> None:
     meta = json.loads((data / "meta.json").read_text())
     results["data"] = {"source": args.data or "stdlib (8 MB)", "train_tokens": meta["train"]["tokens"], "vocab": 4096}
 
-    print("1/4 training both models ...", flush=True)
-    with tempfile.TemporaryDirectory(dir=cache) as work:
-        results["train"] = train_pair(args.size, data, steps, args.threads, args.seeds, Path(work))
-    print("2/4 interleaved step times ...", flush=True)
-    results["step"] = step_times(args.size, data, rounds)
-    print("3/4 MoE layer alone ...", flush=True)
-    shapes = [(128, 128)] if args.quick else [(128, 128), (512, 464)]
-    results["layer"] = [layer_bench(d, de, rounds) for d, de in shapes]
-    print("4/4 peak memory ...", flush=True)
-    results["memory"] = memory(args.size, 4096, args.threads)
+    if "train" in args.parts:
+        print(f"training step1-{args.size} and step2-{args.size} ...", flush=True)
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            results["train"] = train_pair(args.size, data, steps, args.threads, args.seeds, Path(work))
+    if "rich" in args.parts:
+        print("tokens-rich pairs through law sweep ...", flush=True)
+        widths, tokens = ([32], 1e5) if args.quick else (args.rich_widths, args.rich_tokens)
+        results["rich"] = rich_pairs(widths, tokens, 1 if args.quick else args.rich_seeds, args.workers, cache,
+                                     cache / f"rich_{int(tokens)}")
+    if "step" in args.parts:
+        print("interleaved step times ...", flush=True)
+        results["step"] = step_times(args.size, data, rounds)
+    if "layer" in args.parts:
+        print("MoE layer alone ...", flush=True)
+        # (d_model, d_expert, routed experts, top-k): the step2-nano and step2-mini layouts (8 experts, top-2),
+        # and a fine-grained one in Step-3's proportions (48 routed, top-3, 1 shared; references.md)
+        shapes = [(128, 128, 8, 2)] if args.quick else [(128, 128, 8, 2), (512, 464, 8, 2), (512, 128, 48, 3)]
+        results["layer"] = [layer_bench(*shape, rounds) for shape in shapes]
+    if "memory" in args.parts:
+        print("peak memory ...", flush=True)
+        results["memory"] = memory(args.size, 4096, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(render(results, args.size))
 
 
 def render(r: dict, size: str) -> str:
-    d, s = r["train"][f"step1-{size}"], r["train"][f"step2-{size}"]
-    st = r["step"]
     lines = [f"`{r['command']}`  (torch {r['torch']}, {r['threads']} threads, bf16 autocast; "
-             f"torch._grouped_mm on CPU: bf16 {r['grouped_mm_cpu_bf16']}, fp32 {r['grouped_mm_cpu_fp32']})", "",
-             f"**Training, equal active N and tokens** ({r['data']['source']}, {r['data']['train_tokens']:,} train tokens, "
-             f"D = {d['D']:,} = {r['steps']} steps x {BATCH} x {SEQ}; {len(d['val_loss'])} seed(s): mean, and each)", "",
-             "| model | N total | N active | val loss | val bpb | tok/s (trainer) |", "|---|---|---|---|---|---|"]
-    for name, x in r["train"].items():
-        each = ", ".join(f"{v:.4f}" for v in x["val_loss"])
-        lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {mean(x['val_loss']):.4f} ({each}) | {mean(x['val_bpb']):.4f} | "
-                     f"{mean(x['tok_per_s']):,.0f} |")
-    step1, step2 = st[f"step1-{size}"], st[f"step2-{size}"]
-    lines += ["", f"Wall-clock per token MoE/dense: trainer runs {mean(d['tok_per_s']) / mean(s['tok_per_s']):.2f}x; interleaved steps "
-              f"{step2['median'] / step1['median']:.2f}x (median of {step1['median'] * 1e3:.0f} vs {step2['median'] * 1e3:.0f} ms; "
-              f"min {step2['min'] / step1['min']:.2f}x). Router stats at the end (seed 0): "
-              + ", ".join(f"{k} {v:.3g}" for k, v in s["moe_stats"][0].items() if k.endswith(("load_max_mean", "entropy"))), ""]
-    for layer in r["layer"]:
+             f"torch._grouped_mm on CPU: bf16 {r['grouped_mm_cpu_bf16']}, fp32 {r['grouped_mm_cpu_fp32']})", ""]
+    if "train" in r:
+        d = r["train"][f"step1-{size}"]
+        lines += [f"**Training, equal active N and tokens** ({r['data']['source']}, {r['data']['train_tokens']:,} train "
+                  f"tokens, D = {d['D']:,} = {r['steps']} steps x {BATCH} x {SEQ}; {len(d['val_loss'])} seed(s): mean, "
+                  "and each)", "", "| model | N total | N active | val loss | val bpb | tok/s (trainer) |",
+                  "|---|---|---|---|---|---|"]
+        for name, x in r["train"].items():
+            each = ", ".join(f"{v:.4f}" for v in x["val_loss"])
+            lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {mean(x['val_loss']):.4f} ({each}) | "
+                         f"{mean(x['val_bpb']):.4f} | {mean(x['tok_per_s']):,.0f} |")
+        s = r["train"][f"step2-{size}"]
+        lines += ["", f"Wall-clock per token MoE/dense (trainer runs): {mean(d['tok_per_s']) / mean(s['tok_per_s']):.2f}x. "
+                  "Router stats at the end (seed 0): " + ", ".join(
+                      f"{k} {v:.3g}" for k, v in s["moe_stats"][0].items() if k.endswith(("load_max_mean", "entropy"))), ""]
+    if "rich" in r:
+        lines += ["**Tokens-rich pairs** (2 layers, vocab 1024, the whole stdlib; same lr and batch for both; "
+                  "through `law sweep`, 1 thread per run)", "",
+                  "| d_model | model | N total | N active | D | lr | val loss per seed | mean | MoE - dense | tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for width, pair in r["rich"].items():
+            for name in ("dense", "moe"):
+                x = pair[name]
+                gap = mean(x["val_loss"]) - mean(pair["dense"]["val_loss"])
+                lines.append(f"| {width} | {name} | {x['N']:,} | {x['N_active']:,} | {x['D']:,} | {x['lr']:.3g} | "
+                             + ", ".join(f"{v:.4f}" for v in x["val_loss"]) + f" | {mean(x['val_loss']):.4f} | "
+                             + (f"{gap:+.4f}" if name == "moe" else "") + f" | {mean(x['tok_per_s']):,.0f} |")
+        lines.append("")
+    if "step" in r:
+        step1, step2 = r["step"][f"step1-{size}"], r["step"][f"step2-{size}"]
+        lines += [f"Interleaved training steps, MoE/dense: {step2['median'] / step1['median']:.2f}x (median of "
+                  f"{step1['median'] * 1e3:.0f} vs {step2['median'] * 1e3:.0f} ms; min {step2['min'] / step1['min']:.2f}x).", ""]
+    for layer in r.get("layer", []):
         t = layer["times"]
         ours = t["steplab grouped_mm (ours)"]["median"]
-        lines += [f"**MoE layer fwd+bwd** (d_model {layer['d_model']}, 8 experts of {layer['d_expert']}, top-2, 1 shared; "
-                  f"{BATCH}x{SEQ} tokens, bf16; max |diff| vs ours in fp32: "
+        lines += [f"**MoE layer fwd+bwd** (d_model {layer['d_model']}, {layer['n_experts']} experts of {layer['d_expert']}, "
+                  f"top-{layer['top_k']}, 1 shared; {BATCH}x{SEQ} tokens, bf16; max |diff| vs ours in fp32: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in layer["max_abs_diff_fp32"].items()) + ")", "",
                   "| implementation | median ms | tokens/s | ours is faster by |", "|---|---|---|---|"]
         for name, x in t.items():
             lines.append(f"| {name} | {x['median'] * 1e3:.1f} | {BATCH * SEQ / x['median']:,.0f} | {x['median'] / ours:.2f}x |")
         lines.append("")
-    m = r["memory"]
-    moe_name = f"step2-{size} (MoE)"
-    lines += ["**Peak memory of a training step** (peak RSS over the process baseline; separate processes)", "",
-              "| model | N total | N active | peak RSS MB | over baseline MB | MoE / this |", "|---|---|---|---|---|---|"]
-    for name, x in m.items():
-        lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {x['peak_mb']:.0f} | {x['delta_mb']:.0f} | "
-                     f"{m[moe_name]['delta_mb'] / x['delta_mb']:.2f}x |")
+    if "memory" in r:
+        m = r["memory"]
+        moe_name = f"step2-{size} (MoE)"
+        lines += ["**Peak memory of a training step** (peak RSS over the process baseline; separate processes)", "",
+                  "| model | N total | N active | peak RSS MB | over baseline MB | MoE / this |", "|---|---|---|---|---|---|"]
+        for name, x in m.items():
+            lines.append(f"| {name} | {x['N']:,} | {x['N_active']:,} | {x['peak_mb']:.0f} | {x['delta_mb']:.0f} | "
+                         f"{m[moe_name]['delta_mb'] / x['delta_mb']:.2f}x |")
     return "\n".join(lines)
 
 

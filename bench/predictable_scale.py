@@ -11,6 +11,10 @@
    Target: within 1.5% relative error.
 3. An lr x batch grid at one size and budget (d_model 64, 2 layers, D = 0.5M): where Step Law's published
    choice lands against the grid's best loss (target: within 1%), and where this sweep's rule lands.
+4. Step Law's procedure on our own runs, out of sample: lr x batch grids at four OTHER cells (N 33k and 426k,
+   bracketing the grid's 106k; D 0.5M and 1M), ``fit_hparam_laws`` (selection within 0.25% of each cell's
+   best, log-linear lr(N, D) and batch(D), bootstrap), its choice at the grid's cell trained and compared
+   with the grid's best (target: within 1%).
 
 The lr rule. Published Step Law (lr = 1.79 N^-0.713 D^0.307) is fitted on 2e8-1e9 parameters; 3 to 4 orders
 of magnitude below, it asks for 3-10x the best lr that exploratory runs found here (vocab 1024, D = 0.5M: about
@@ -53,6 +57,10 @@ RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_N_EXP * math.log(RULE_N
 HP_SIZE, HP_TOKENS = {"d_model": 64, "n_layer": 2, "n_head": 2}, 500_000
 HP_LR_FACTORS = [2.0, 2 ** 0.5, 1.0, 2 ** -0.5, 0.5]  # x the rule's lr, plus Step Law's published lr
 HP_BATCH = ["steplaw*0.5", "steplaw", "steplaw*2"]
+# Step 4: the cells the hyperparameter laws are fitted on (the grid's cell, d_model 64 at 0.5M, is not one)
+TRANSFER_SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 128)]
+TRANSFER_TOKENS = [500_000, 1_000_000]
+TRANSFER_LR_FACTORS = [2 ** 0.5, 1.0, 2 ** -0.5, 0.5]  # x the rule; 2x is past the cliff at every size tried
 FIXED = {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
          "train": {"min_lr_ratio": 0.0}}  # anneal to ~0 as Step Law's runs do (they decay to 1e-5)
 
@@ -96,12 +104,18 @@ def hp_grid(scale: float) -> dict:
             "batch_tokens": HP_BATCH, "eval_tokens": 131072, "warmup_fraction": 0.05, "fixed": FIXED}
 
 
+def transfer_grid(scale: float) -> dict:
+    return {"sizes": TRANSFER_SIZES, "tokens": [int(t * scale) for t in TRANSFER_TOKENS],
+            "lr": [f"steplaw*{f:.6g}" for f in TRANSFER_LR_FACTORS], "batch_tokens": HP_BATCH, "hparams": RULE_HPARAMS,
+            "eval_tokens": 131072, "warmup_fraction": 0.05, "fixed": FIXED}
+
+
 def _rule_lr(N: float, D: float) -> float:
     return RULE_LR * (N / RULE_N) ** RULE_N_EXP * (D / RULE_D) ** RULE_D_EXP
 
 
 def fmt_n(x: float) -> str:
-    return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.3g}k"
+    return f"{x / 1e6:.3g}M" if x >= 9.95e5 else f"{x / 1e3:.3g}k"
 
 
 def main() -> int:
@@ -116,7 +130,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from steplab.law.fit import FitWarning, fit_parametric
-    from steplab.law.hparams import PUBLISHED, suggest
+    from steplab.law.hparams import fit_hparam_laws, suggest
     from steplab.law.report import plot_fitted_vs_measured, plot_loss_vs_compute, summary_lines
     from steplab.law.sweep import run_sweep
     from steplab.law.tables import load_table
@@ -167,6 +181,25 @@ def main() -> int:
                 and abs(r["lr"] / rule_lr - 1) < 1e-9)
     plots.append(plot_hp_grid(hp, raw, published, rule, best, out / "lr_batch_grid.png"))
 
+    # 5. Step Law's procedure on four other cells, its choice at the grid's cell
+    t_tr = time.time()
+    tr_path = run_sweep(transfer_grid(args.scale), work / "hp_transfer", data_path=str(data), workers=args.workers)
+    shutil.copy(tr_path, out / "hparam_transfer_runs.csv")
+    tr = load_table(out / "hparam_transfer_runs.csv", adapter="runs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        hfit = fit_hparam_laws(tr, seq_len=SEQ_LEN, n_bootstrap=args.bootstrap, seed=0)
+    choice = suggest(N_hp, float(HP_TOKENS * args.scale), SEQ_LEN, hfit.coefs)
+    choice_grid = {"sizes": [HP_SIZE], "tokens": [int(HP_TOKENS * args.scale)], "lr": [choice["lr"]],
+                   "batch_tokens": [choice["batch_tokens"]], "eval_tokens": 131072, "warmup_fraction": 0.05,
+                   "fixed": FIXED}
+    chosen = load_table(run_sweep(choice_grid, work / "hp_choice", data_path=str(data), workers=0), adapter="runs")
+    t_tr = time.time() - t_tr
+    chosen_loss = float(chosen["loss"][0])
+    transfer = {"fit": hfit.to_dict(), "choice": choice, "N_cells": sorted(set(float(n) for n in tr["N"])),
+                "D_cells": [t * args.scale for t in TRANSFER_TOKENS], "batch_tokens_trained": float(chosen["batch_tokens"][0]),
+                "loss": chosen_loss, "gap": chosen_loss / float(hp["loss"][best]) - 1}
+
     wall = time.time() - t0
     held = fit.holdout
     worst = max(abs(h["rel_err"]) for h in held)
@@ -176,8 +209,11 @@ def main() -> int:
         "fit": fit.to_dict(), "holdout": held, "worst_abs_rel_err": worst, "target_rel_err": 0.015,
         "hp_grid": {"N": N_hp, "D": D_hp, "best": raw[best], "published_step_law": raw[published], "rule": raw[rule],
                     "published_gap": float(hp["loss"][published] / hp["loss"][best] - 1),
-                    "rule_gap": float(hp["loss"][rule] / hp["loss"][best] - 1), "step_law": law},
-        "seconds": {"total": wall, "main_sweep": t_main, "hp_grid": t_hp}, "load_avg_start": load0,
+                    "rule_gap": float(hp["loss"][rule] / hp["loss"][best] - 1), "step_law": law, "transfer": transfer},
+        "seconds": {"total": wall, "main_sweep": t_main, "hp_grid": t_hp, "hp_transfer": t_tr,
+                    "train_main": _train_seconds(work / "sweep"), "train_hp": _train_seconds(work / "hparams"),
+                    "train_transfer": _train_seconds(work / "hp_transfer") + _train_seconds(work / "hp_choice")},
+        "load_avg_start": load0,
         "load_avg_end": os.getloadavg()[0],
         "rule": {"lr": f"{RULE_LR:g} (N/{RULE_N:g})^{RULE_N_EXP} (D/{RULE_D:g})^{RULE_D_EXP}", "batch": "Step Law published"},
     }
@@ -186,7 +222,12 @@ def main() -> int:
     (out / "results.md").write_text(md)
     print(md)
     print(f"wrote {out}/results.md, results.json, runs.csv, hparam_runs.csv, " + ", ".join(p.name for p in plots))
-    return 0 if worst <= 0.015 else 1
+    return 0 if worst <= 0.015 and transfer["gap"] <= 0.01 else 1
+
+
+def _train_seconds(sweep_dir: Path) -> float:
+    rows = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
+    return float(sum(r["train_seconds"] for r in rows))
 
 
 def plot_hp_grid(hp, raw, published, rule, best, path: Path) -> Path:
@@ -217,14 +258,17 @@ def plot_hp_grid(hp, raw, published, rule, best, path: Path) -> Path:
 def render(res, table, fit, hp, raw, published, rule, best, plots, fit_lines, args) -> str:
     lines = ["# Predictable scale on 2 CPU cores", "",
              f"Command: `python bench/predictable_scale.py --corpus {args.corpus} --holdout {args.holdout}"
-             + (f" --scale {args.scale:g}" if args.scale != 1 else "") + "`", "",
+             + (f" --scale {args.scale:g}" if args.scale != 1 else "")
+             + (f" --workers {args.workers}" if args.workers != 1 else "") + "`", "",
              f"Corpus: {res['corpus']} (vocab {res['vocab']}, {res['train_tokens']:,} train tokens). "
              f"{len(res['sizes'])} sizes, N {fmt_n(min(res['sizes']))}-{fmt_n(max(res['sizes']))} "
              f"({max(res['sizes']) / min(res['sizes']):.1f}x), token budgets "
              + ", ".join(fmt_n(d) for d in res["tokens"]) + f"; lr {res['rule']['lr']}, batch: {res['rule']['batch']}.",
-             f"Wall time {res['seconds']['total'] / 60:.1f} min (main sweep {res['seconds']['main_sweep'] / 60:.1f} min, "
-             f"lr x batch grid {res['seconds']['hp_grid'] / 60:.1f} min; 0 for runs already finished); "
-             f"load average {res['load_avg_start']:.1f} at start, {res['load_avg_end']:.1f} at end.", "",
+             f"Training time summed over the runs: {res['seconds']['train_main'] / 60:.1f} min (main sweep) + "
+             f"{res['seconds']['train_hp'] / 60:.1f} min (lr x batch grid) + {res['seconds']['train_transfer'] / 60:.1f} "
+             f"min (Step Law refit on other cells). This invocation: {res['seconds']['total'] / 60:.1f} "
+             f"min wall (runs finished before it are skipped); load average {res['load_avg_start']:.1f} at start, "
+             f"{res['load_avg_end']:.1f} at end.", "",
              f"## Held-out prediction (fit on {fit.n} runs, the {len(res['holdout'])} largest-compute runs held out)", "",
              "| N | D | C = 6ND | measured val loss | predicted | 95% interval | error |", "|---|---|---|---|---|---|---|"]
     for h in res["holdout"]:
@@ -270,6 +314,19 @@ def render(res, table, fit, hp, raw, published, rule, best, plots, fit_lines, ar
               f"{g['best']['loss']:.4f} (lr {g['best']['lr']:.3g}, batch {g['best']['batch_tokens']:,}): {pub_ok} 1%.",
               f"This sweep's rule (lr {g['rule']['lr']:.3g}, Step Law batch): loss {g['rule']['loss']:.4f}, "
               f"{g['rule_gap']:+.2%} vs the grid best: {rule_ok} 1%.", ""]
+    t, f = g["transfer"], g["transfer"]["fit"]
+    tr_ok = "within" if t["gap"] <= 0.01 else "NOT within"
+    lines += ["## Step Law's procedure on our own runs, out of sample", "",
+              f"lr x batch grids ({len(TRANSFER_LR_FACTORS)} lr x {len(HP_BATCH)} batch) at N = "
+              + ", ".join(fmt_n(n) for n in t["N_cells"]) + " x D = " + ", ".join(fmt_n(d) for d in t["D_cells"])
+              + f" ({f['quality']['runs']} runs, {f['quality']['selected']} "
+              f"within 0.25% of their cell's best): fitted lr = exp({f['lr_intercept']:.3f}) N^{f['lr_coef_N']:.3f} "
+              f"[{f['lr_coef_N_ci'][0]:.3f}, {f['lr_coef_N_ci'][1]:.3f}] D^{f['lr_coef_D']:.3f} "
+              f"[{f['lr_coef_D_ci'][0]:.3f}, {f['lr_coef_D_ci'][1]:.3f}], batch = exp({f['bs_intercept']:.3f}) "
+              f"D^{f['bs_coef_D']:.3f}.",
+              f"Its choice at N = {g['N']:,.0f}, D = {HP_TOKENS * args.scale:,.0f} (a cell it never saw): lr "
+              f"{t['choice']['lr']:.3g}, batch {t['batch_tokens_trained']:,.0f} tokens -> loss {t['loss']:.4f}, "
+              f"{t['gap']:+.2%} vs the grid best {g['best']['loss']:.4f}: {tr_ok} 1%.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ Output directory::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -33,11 +34,13 @@ CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~4.3M t
 # the loss falls with N at every budget, and training runs about 2x faster.
 VOCAB_SIZE = 1024
 SEQ_LEN = 256
-# The sweep: one family of shapes (2 layers, 2 heads, the width varies), 5 sizes over 13x in N, 3 token
+# The sweep: one family of shapes (2 layers, 2 heads, the width varies), 4 sizes over 6.7x in N, 3 token
 # budgets. Mixing depths misleads at this scale: a 3-layer model sat 5% above the 2-layer one next to it.
+# Budgets start at 0.5M: below that runs are still in their first fast drop (250k -> 500k -> 1M gave a
+# steeper first step), and a law fitted through it put E at 2.53 and predicted the planned run 6.6% high.
 FAMILY = {"n_layer": 2, "n_head": 2}
-SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96, 128)]  # N = 33k / 55k / 106k / 221k / 426k
-TOKENS = [250_000, 500_000, 1_000_000]
+SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96)]  # N = 32,768 / 55,296 / 106,496 / 221,184
+TOKENS = [500_000, 1_000_000, 2_000_000]
 # lr and batch: Step Law's form, lr = c N^a D^b and batch = 0.58 D^0.571 (published). Its published lr
 # (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) is 3-10x too large at these sizes: at D = 0.5M the best
 # lr of exploratory runs was about 3-4e-3 at N = 106k, 2.5-3e-3 at 426k and ~2e-3 at 885k, and above it lies
@@ -46,13 +49,31 @@ TOKENS = [250_000, 500_000, 1_000_000]
 HPARAMS = {"lr_intercept": math.log(3e-3) + 0.3 * math.log(1.06e5) - 0.307 * math.log(5e5),
            "lr_coef_N": -0.3, "lr_coef_D": 0.307}
 BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
+# The planned run's D is kept at the largest swept budget (the law says "more data": D_opt is ~10x beyond).
+# With D allowed up to 3x (3.86M tokens, 90% of the corpus) the run beat the prediction by 6.6%: from 2M to
+# 3.86M tokens the loss fell faster than the runs up to 2M implied. Extrapolating in N at a swept D held
+# within 1.3% in bench/predictable_scale.py.
+D_EXTRAPOLATION = 1.0
 EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
 
 
-def sweep_grid(budget: float, device: str) -> dict:
+def moe_sizes() -> list[dict]:
+    """SIZES as Step-2 MoE: 8 routed experts (top-2) + 1 shared, d_expert ~ d_ff / 3 (a multiple of 8, which
+    ``_grouped_mm`` needs in bf16), so N_active is within ~6% of the dense size's N."""
+    from steplab.config import ModelConfig
+    from steplab.law.plan import MOE_LAYOUT
+
+    out = []
+    for size in SIZES:
+        d_ff = ModelConfig(d_model=size["d_model"], n_head=size["n_head"]).d_ff
+        out.append({**size, "moe": {**MOE_LAYOUT, "d_expert": max(8, round(d_ff / 24) * 8)}})
+    return out
+
+
+def sweep_grid(budget: float, device: str, moe: bool = False) -> dict:
     return {
-        "sizes": SIZES,
+        "sizes": moe_sizes() if moe else SIZES,
         "tokens": [max(SEQ_LEN * 8, int(t * budget)) for t in TOKENS],
         "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS,
         "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": 0.05,
@@ -62,16 +83,22 @@ def sweep_grid(budget: float, device: str) -> dict:
     }
 
 
-def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = "stdlib", device: str = "auto",
-               resume: bool = False, progress: bool = True) -> dict:
-    from steplab.law.sweep import expand_grid, run_sweep
+def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdlib", device: str = "auto",
+               resume: bool = False, progress: bool = True, moe: bool = False) -> dict:
+    """The whole loop; ``moe=True`` sweeps, fits (in active N) and trains Step-2 MoE models instead."""
+    import torch
+
+    from steplab.config import RunConfig
+    from steplab.law.fit import in_active_params
+    from steplab.law.sweep import auto_threads, expand_grid, run_sweep
     from steplab.law.tables import load_table
     from steplab.train.trainer import resolve_device, train
 
     t0 = time.time()
-    out_dir = Path(out)
+    out_dir = Path(out or ("runs/quickstart-moe" if moe else "runs/quickstart"))
     data_dir, run_dir, sweep_dir = out_dir / "data", out_dir / "run", out_dir / "sweep"
-    print(f"steplab quickstart -> {out_dir}  (budget {budget:g}): predict the loss of a model, then train it")
+    kind = "a Step-2 MoE model (N = active parameters)" if moe else "a model"
+    print(f"steplab quickstart -> {out_dir}  (budget {budget:g}): predict the loss of {kind}, then train it")
 
     # 1. data
     if (data_dir / META).is_file():
@@ -85,7 +112,7 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
           f"from {meta['train']['documents'] + meta['val']['documents']:,} documents")
 
     # 2. sweep
-    grid = sweep_grid(budget, device)
+    grid = sweep_grid(budget, device, moe)
     runs = expand_grid(grid, str(data_dir))
     print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} runs "
           f"(N {min(_N(r) for r in runs):,}-{max(_N(r) for r in runs):,}, D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
@@ -93,43 +120,41 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
     t_sweep = time.time()
     run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=1, progress=progress)
     t_sweep = time.time() - t_sweep
-    table = load_table(sweep_dir / "runs.csv", adapter="runs")
+    table, _ = in_active_params(load_table(sweep_dir / "runs.csv", adapter="runs"))  # MoE: N is N_active
 
-    # 3. fit
-    fit, why = fit_sweep(table, vocab=meta["vocab_size"])
-    if fit is not None:
-        est = fit.estimates()
-        print(f"[3/5] fit: L = {fit.E:.3f} + {fit.A:.4g}/N^{fit.alpha:.3f} + {fit.B:.4g}/D^{fit.beta:.3f}  "
-              f"({fit.n} runs, RMSE {fit.rmse_log:.2%} in log loss; alpha 95% CI [{est['alpha'].ci[0]:.2f}, "
-              f"{est['alpha'].ci[1]:.2f}], beta [{est['beta'].ci[0]:.2f}, {est['beta'].ci[1]:.2f}])")
-        for w in fit.warnings:
-            print(f"      warning: {w}")
-    else:
-        print(f"[3/5] fit: not usable ({why}); falling back to the largest sweep size at {BIG_FACTOR:g}x its tokens, "
-              "with no prediction")
+    # 3. fit. Bootstrap draws of a barely determined exponent (alpha up to ~40 at tiny budgets) overflow in
+    # exp/power; those draws only widen the interval, so numpy's overflow warnings are silenced here.
+    with _quiet_numpy():
+        fit, why = fit_sweep(table, vocab=meta["vocab_size"])
+        if fit is not None:
+            est = fit.estimates()
+            print(f"[3/5] fit: L = {fit.E:.3f} + {fit.A:.4g}/N^{fit.alpha:.3f} + {fit.B:.4g}/D^{fit.beta:.3f}  "
+                  f"({fit.n} runs, RMSE {fit.rmse_log:.2%} in log loss; alpha 95% CI [{est['alpha'].ci[0]:.2f}, "
+                  f"{est['alpha'].ci[1]:.2f}], beta [{est['beta'].ci[0]:.2f}, {est['beta'].ci[1]:.2f}])")
+            for w in fit.warnings:
+                print(f"      warning: {w}")
+        else:
+            print(f"[3/5] fit: not usable ({why}); falling back to the largest sweep size at {BIG_FACTOR:g}x its tokens, "
+                  "with no prediction")
 
-    # 4. plan + train
-    C_max = float(np.max(table["C"]))
-    target_C = BIG_FACTOR * C_max
-    big, predicted, ci, plan_note = plan_big_run(fit, table, target_C, grid, data_dir, out_dir,
-                                                 max_tokens=0.9 * meta["train"]["tokens"])
-    print(f"[4/5] plan: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
-          f"({big['D'] / big['N']:.1f} tokens/param), lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
-          + (f"; predicted val loss {predicted:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if predicted is not None else ""))
-    if plan_note:
-        print(f"      note: {plan_note}")
-    m = big["config"]["model"]
-    print(f"      train: d_model {m['d_model']}, {m['n_layer']} layers, d_ff {m['d_ff']}, {big['config']['train']['max_steps']} "
-          f"steps, device {resolve_device(device)} -> {run_dir}")
-    from steplab.config import RunConfig
+        # 4. plan + train
+        C_max = float(np.max(table["C"]))
+        target_C = BIG_FACTOR * C_max
+        big, predicted, ci, plan_note = plan_big_run(fit, table, target_C, grid, data_dir, out_dir,
+                                                     max_tokens=0.9 * meta["train"]["tokens"], moe=moe)
+        print(f"[4/5] plan: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
+              f"({big['D'] / big['N']:.1f} tokens/param), lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
+              + (f"; predicted val loss {predicted:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if predicted is not None else ""))
+        if plan_note:
+            print(f"      note: {plan_note}")
+        m = big["config"]["model"]
+        ffn = (f"{m['moe']['n_experts']} experts of {m['moe']['d_expert']} (top-{m['moe']['top_k']}) + "
+               f"{m['moe']['n_shared']} shared" if moe else f"d_ff {m['d_ff']}")
+        print(f"      train: d_model {m['d_model']}, {m['n_layer']} layers, {ffn}, {big['config']['train']['max_steps']} "
+              f"steps, device {resolve_device(device)} -> {run_dir}")
 
     cfg = RunConfig.from_dict(big["config"])
-    steps = cfg.train.max_steps
-    cfg.train.eval_every = max(1, steps // 3)  # two points on the curve before the final eval (the sweep's)
-    import torch
-
-    from steplab.law.sweep import auto_threads
-
+    cfg.train.eval_every = max(1, cfg.train.max_steps // 3)  # two points on the curve before the final eval
     torch.set_num_threads(auto_threads(1))  # as the sweep's workers: 1 thread while other processes keep a core busy
     t_big = time.time()
     summary = train(cfg, run_dir, resume=resume, progress=progress)
@@ -138,7 +163,8 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
     # 5. compare, report, samples
     measured = summary["val_loss"]
     err = None if predicted is None else predicted / measured - 1
-    report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
+    with _quiet_numpy():
+        report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
 
@@ -150,7 +176,11 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
               f"error {err:+.2%} ({'inside' if inside else 'outside'} the interval)")
     else:
         print(f"no prediction ({why}); measured {measured:.4f}")
-    print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
+    if moe:
+        print(f"N_active = {summary['N_active']:,} non-embedding parameters (N_total {summary['N']:,}), "
+              f"D = {summary['D']:,} tokens, C = 6 N_active D = {summary['C_6ND']:.3g} FLOPs")
+    else:
+        print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
     print(f"validation loss {measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte")
     print(f"throughput {summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}")
     print(f"wall time {wall:.1f} s (sweep {t_sweep:.0f} s, planned run {t_big:.0f} s)")
@@ -160,11 +190,19 @@ def quickstart(out: str = "runs/quickstart", budget: float = 1.0, source: str = 
             "sweep_seconds": t_sweep, "big_seconds": t_big, "report": str(report)}
 
 
+@contextlib.contextmanager
+def _quiet_numpy():
+    """numpy overflow/invalid-value warnings off (both the floating-point error state and RuntimeWarning)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _N(run) -> int:
     from steplab.config import RunConfig
     from steplab.models import count_params
 
-    return count_params(RunConfig.from_dict(run.config).model)["N"]
+    return count_params(RunConfig.from_dict(run.config).model)["N_active"]  # = N for dense
 
 
 def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
@@ -186,37 +224,39 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
     return fit, None
 
 
-def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, max_tokens: float):
+def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, max_tokens: float,
+                 moe: bool = False):
     """Plan the run at ``target_C`` and resolve its config with the sweep's own recipe (lr and batch rules,
     warmup fraction, eval tokens), so the law's runs and the predicted run differ only in N and D.
-    The plan stays where the law has support: N up to 4x the largest swept size, D up to 3x the largest swept
-    budget and within one pass over the corpus (repeated data would make the loss worse than a law fitted on
-    fresh data predicts); if the compute-optimal point lies outside, the nearest allowed point at the same
-    compute is planned instead, and the report says so."""
+    The plan stays where the law has support: N up to 4x the largest swept size, D up to ``D_EXTRAPOLATION``
+    x the largest swept budget and within one pass over the corpus; if the compute-optimal point lies outside,
+    the nearest allowed point at the same compute is planned instead, and the report says so."""
     from steplab.config import RunConfig
-    from steplab.law.plan import plan, write_config
+    from steplab.law.plan import optimal_allocation, plan, write_config
     from steplab.law.sweep import expand_grid, hparam_coefs
     from steplab.models import count_params
 
     kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
-              warmup_fraction=grid["warmup_fraction"], **FAMILY)
+              warmup_fraction=grid["warmup_fraction"], moe=moe, **FAMILY)
     notes = []
     Ns = np.unique(table["N"])
     lo, hi = float(Ns.min()), 4 * float(Ns.max())
     if fit is not None:
-        p = plan(compute=target_C, fit=fit, **kw)
-        N = p.N
+        _, N_opt, D_opt, _ = optimal_allocation(fit, compute=target_C)
+        N = N_opt
         if not lo <= N <= hi:
             N = float(np.clip(N, lo, hi))
-            notes.append(f"the fit puts N_opt at {p.N:.3g}, outside {lo:.3g}-{hi:.3g} (the swept sizes up to 4x)")
-        D_cap = min(max_tokens, 3 * float(np.max(table["D"])))
+            notes.append(f"the fit puts N_opt at {N_opt:.3g}, outside {lo:.3g}-{hi:.3g} (the swept sizes up to 4x)")
+        D_cap = min(max_tokens, D_EXTRAPOLATION * float(np.max(table["D"])))
         if target_C / (6 * N) > D_cap:
             N = target_C / (6 * D_cap)
-            notes.append(f"the fit puts D_opt at {p.D:.3g}; D is capped at {D_cap:,.0f} tokens (3x the largest "
-                         "swept budget, within one pass over the corpus)")
-        if N != p.N:
+            notes.append(f"the fit puts D_opt at {D_opt:.3g}; D is capped at {D_cap:,.0f} tokens (the largest swept "
+                         "budget: extrapolating in D misled, see docs/scaling_laws.md)")
+        if N != N_opt:
             p = plan(compute=target_C, params=N, fit=fit, **kw)
             notes.append(f"planned N = {N:.3g}, D = {p.D:.3g} at the same compute instead")
+        else:
+            p = plan(compute=target_C, fit=fit, **kw)
     else:
         N = max(float(Ns.max()), target_C / (6 * max_tokens))
         p = plan(compute=target_C, params=N, **kw)  # shape only; the default law predicts nothing for this data
@@ -224,7 +264,7 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     one = {**grid, "sizes": [{k: v for k, v in p.model.items() if k != "max_seq_len"}], "tokens": [p.D]}
     run = expand_grid(one, str(data_dir))[0]
     cfg = RunConfig.from_dict(run.config)
-    N_cfg = count_params(cfg.model)["N"]
+    N_cfg = count_params(cfg.model)["N_active"]  # = N for dense; the law's N for MoE
     D_cfg = cfg.train.max_steps * cfg.tokens_per_step
     predicted = ci = None
     if fit is not None:
@@ -277,10 +317,14 @@ def plot_prediction(table, fit, summary: dict, predicted, ci, path: Path) -> Pat
         m = N == n
         color = cmap(i / max(1, len(sizes) - 1))
         ax.scatter(C[m], L[m], color=color, s=22, zorder=3, label=f"N={n:,.0f}")
-        if fit is not None:
-            grid = np.logspace(np.log10(C[m].min()) - 0.1, np.log10(C_big) + 0.1, 60)
+        if fit is not None:  # the fitted law along this size's budgets
+            grid = np.logspace(np.log10(C[m].min()) - 0.1, np.log10(C[m].max()) + 0.1, 60)
             ax.plot(grid, fit.predict(n, grid / (6 * n)), color=color, lw=0.8, alpha=0.7)
     if fit is not None:
+        n_big = summary["N_active"]  # the law's N (= N for dense)
+        grid = np.logspace(np.log10(6 * n_big * D.min()), np.log10(C_big) + 0.05, 60)
+        ax.plot(grid, fit.predict(n_big, grid / (6 * n_big)), color="r", lw=0.8, alpha=0.7,
+                label=f"fitted law at the planned N={n_big:,}")
         grid = np.logspace(np.log10(C.min()), np.log10(C_big) + 0.3, 100)
         Nopt, Dopt = fit.allocation(grid)
         ax.plot(grid, fit.predict(Nopt, Dopt), "r--", lw=1.2, label="fitted frontier (compute-optimal)")
@@ -289,7 +333,7 @@ def plot_prediction(table, fit, summary: dict, predicted, ci, path: Path) -> Pat
                     color="r", ms=9, capsize=4, label=f"planned run: predicted {predicted:.3f}")
     ax.scatter([C_big], [summary["val_loss"]], marker="x", color="k", s=70, zorder=4,
                label=f"planned run: measured {summary['val_loss']:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
+    ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
            title="quickstart: sweep, fit, and the planned run")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -309,10 +353,12 @@ def write_report(out_dir: Path, table, fit, why, summary, predicted, ci, plan_no
     else:
         rep.paragraph(f"No prediction: {why}. Measured validation loss {measured:.4f}.")
     rep.table(["", "planned run"], [
-        ["N (non-embedding)", f"{summary['N']:,}"], ["D (tokens)", f"{summary['D']:,}"],
+        ["N (non-embedding)", f"{summary['N']:,}" + (f" total, {summary['N_active']:,} active (the law's N)"
+                                                     if summary["N_active"] != summary["N"] else "")],
+        ["D (tokens)", f"{summary['D']:,}"],
         ["C = 6ND", f"{summary['C_6ND']:.3g} (target {target_C:.3g})"],
         ["shape", "d_model {d_model}, {n_layer} layers, {n_head} heads, d_ff {d_ff}".format(**big["config"]["model"])],
-        ["lr, batch", f"{summary['lr']:.3g}, {summary['batch_tokens']:,} tokens (Step Law)"],
+        ["lr, batch", f"{summary['lr']:.3g} (the sweep's lr rule), {summary['batch_tokens']:,} tokens (Step Law batch)"],
         ["validation loss", f"{measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte"],
         ["training time", f"{summary['train_seconds']:.0f} s, {summary['tok_per_s']:,.0f} tokens/s"]])
     if plan_note:
@@ -336,7 +382,7 @@ def write_report(out_dir: Path, table, fit, why, summary, predicted, ci, plan_no
     if fit is not None:
         rep.image(plot_fitted_vs_measured(table, fit, out_dir / "fitted_vs_measured.png").name, "fitted vs measured (sweep)")
     rep.image("run/loss.png", "the planned run's loss curve")
-    rep.paragraph(f"Planned run directory: run/ (config.json, summary.json, metrics.jsonl, checkpoints); its train "
-                  f"config: plan.toml; the sweep: sweep/runs.csv.")
+    rep.paragraph("Planned run directory: run/ (config.json, summary.json, metrics.jsonl, checkpoints); its train "
+                  "config: plan.toml; the sweep: sweep/runs.csv.")
     md, _ = rep.write(out_dir)
     return md

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,25 @@ def test_quickstart_tiny_budget_end_to_end(tmp_path, capsys):
     assert "validation loss" in out and "bits per byte" in out and "wall time" in out and "class " in out
     run = tmp_path / "qs" / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val_loss"] < 7.0  # log(4096) = 8.3 at random init
+    assert summary["val_loss"] < 0.85 * math.log(1024)  # ln V = 6.93 at random init (vocab 1024)
     for name in ("config.json", "metrics.jsonl", "loss.png", "report.md", "checkpoints"):
         assert (run / name).exists(), name
+
+
+def test_quickstart_moe_trains_step2_models(tmp_path, capsys):
+    assert main(["quickstart", "--moe", "--out", str(tmp_path / "qs"), "--budget", "0.04"]) == 0
+    out = capsys.readouterr().out
+    assert "Step-2 MoE" in out and "N_active" in out and "experts of" in out
+    table = (tmp_path / "qs" / "sweep" / "runs.csv").read_text().splitlines()
+    cols = table[0].split(",")
+    rows = [dict(zip(cols, line.split(","))) for line in table[1:]]
+    assert len(rows) == 12 and all(r["n_experts"] == "8" and int(r["N_active"]) < int(r["N"]) for r in rows)
+    run = tmp_path / "qs" / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["moe"]["n_experts"] == 8 and config["model"]["moe"]["score"] == "sigmoid"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["N_active"] < 0.5 * summary["N"] and summary["C_6ND"] == 6 * summary["N_active"] * summary["D"]
+    assert summary["val_loss"] < 0.85 * math.log(1024)
 
 
 def test_train_sample_eval_verbs(tiny_data, tmp_path, capsys):

@@ -195,3 +195,19 @@ def test_cli_fit_hparams_json(capsys):
     for key in ("lr_coef_N", "lr_coef_D", "lr_intercept", "bs_coef_D", "bs_intercept"):
         assert len(out[f"{key}_ci"]) == 2
     assert out["lr_coef_N"] == pytest.approx(-0.765, abs=0.03)
+
+
+def test_cells_group_ds_that_differ_by_batch_rounding():
+    """A sweep's D is steps x batch tokens: one 0.5M cell holds 499,712 (batch 1,024) and 500,224 (batch 512).
+    They are one cell for the selection rule; 0.5M and 1M are two."""
+    from steplab.law.hparams import cell_ids
+    from steplab.law.tables import RunsTable
+
+    D = np.array([499_712, 500_224, 499_712, 999_936, 1_001_472, 999_936, 500_224, 1_001_472], float)
+    N = np.array([1e5, 1e5, 1e5, 1e5, 1e5, 1e5, 4e5, 4e5])
+    ids = cell_ids(RunsTable({"N": N, "D": D}))
+    assert len(set(ids)) == 4
+    assert len({ids[0], ids[1], ids[2]}) == 1 and len({ids[3], ids[4], ids[5]}) == 1 and ids[6] != ids[0]
+    loss = np.array([3.50, 3.40, 3.60, 3.0, 3.2, 3.1, 3.3, 2.9])
+    keep = select_near_best(RunsTable({"N": N, "D": D, "loss": loss}))
+    assert keep.tolist() == [False, True, False, True, False, False, True, True]

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,4 +208,55 @@ def test_sweep_cli_dry_run(tiny_data, tmp_path, capsys):
     assert main(["law", "sweep", "--grid", str(grid), "--data", str(tiny_data), "--out", str(tmp_path / "s"),
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("new ") == 4 and "4 runs" in out and "step1-nano-D2048" in out
+    assert out.count("new ") == 4 and "4 runs" in out and "step1-nano-D2.048k" in out
+
+
+# -------------------------------------------------------------------------------------- MoE in the lab
+
+MOE = {"n_experts": 4, "top_k": 2, "n_shared": 1, "d_expert": 32}
+
+
+@pytest.fixture(scope="module")
+def moe_swept(tiny_data, tmp_path_factory):
+    """3 MoE sizes x 3 budgets: the sweep, table, fit and plan path of Step-2 runs."""
+    out = tmp_path_factory.mktemp("moe_sweep")
+    grid = {**grid_dict(), "sizes": [{"d_model": d, "n_layer": 1, "n_head": 2, "moe": MOE, "name": f"moe-d{d}"}
+                                     for d in (32, 48, 64)], "tokens": [1536, 2560, 4096]}
+    run_sweep(grid, out, data_path=tiny_data, workers=0, threads=1, progress=False)
+    return out
+
+
+def test_moe_sweep_table_counts_active_params(moe_swept):
+    table = load_table(moe_swept / "runs.csv", adapter="runs")
+    assert len(table) == 9 and np.all(table["n_experts"] == 4) and np.all(table["top_k"] == 2)
+    assert np.all(table["N_active"] < 0.75 * table["N"])  # 3 of 5 experts per token, attention shared
+    assert np.all(table["C"] == 6 * table["N_active"] * table["D"])  # compute is what a token pays for
+
+
+def test_moe_fit_uses_active_params_and_plans_moe_only(moe_swept, swept):
+    from steplab.errors import FitError
+    from steplab.law.fit import FitWarning, fit_table
+
+    table = load_table(moe_swept / "runs.csv", adapter="runs")
+    with pytest.warns(FitWarning):  # 9 tiny runs do not pin down E; the mechanics are what is tested here
+        fit = fit_table(table, "chinchilla", n_bootstrap=0)
+        ref = fit_parametric(table["N_active"], table["D"], table["loss"], n_bootstrap=0)
+    assert fit.N_is == "N_active" and fit.n == 9 and any("ACTIVE" in n for n in fit.notes)
+    assert (fit.E, fit.alpha, fit.beta) == pytest.approx((ref.E, ref.alpha, ref.beta))
+    p = plan(params=2e5, fit=fit, moe=True, seq_len=64)
+    assert p.N_active_model == pytest.approx(2e5, rel=0.05) and p.N_model > 1.5 * p.N_active_model
+    assert p.loss == pytest.approx(float(fit.predict(2e5, p.D)))
+    assert any("fitted on MoE runs" in n for n in p.notes)
+    with pytest.raises(ConfigError, match="plan an MoE with --moe"):
+        plan(compute=1e12, fit=fit, seq_len=64)
+    # one law per layout: dense and MoE runs in one table are refused
+    lines = {}
+    for path in (swept[0] / "runs.csv", moe_swept / "runs.csv"):
+        head, *rows = path.read_text().splitlines()
+        lines.setdefault("head", head.split(","))
+        lines.setdefault("rows", []).extend(dict(zip(head.split(","), r.split(","))) for r in rows)
+    cols = sorted({k for r in lines["rows"] for k in r})
+    mixed = moe_swept / "mixed.csv"
+    mixed.write_text("\n".join([",".join(cols)] + [",".join(r.get(c, "") for c in cols) for r in lines["rows"]]) + "\n")
+    with pytest.raises(FitError, match="mixes dense and MoE runs"):
+        fit_table(load_table(mixed, adapter="runs"), "chinchilla", n_bootstrap=0)

@@ -72,9 +72,10 @@ def test_grouped_dispatch_matches_per_token_reference(monkeypatch, path, score, 
     assert gp1["w13.weight"][4:].abs().sum() == 0  # never-chosen experts get no gradient
 
 
-def test_bf16_autocast_close_to_fp32():
+@pytest.mark.parametrize("d_expert", [24, 42])  # 42: rows of 84 bytes, which _grouped_mm refuses (16-byte strides)
+def test_bf16_autocast_close_to_fp32(d_expert):
     torch.manual_seed(0)
-    moe = MoE(moe_cfg())
+    moe = MoE(moe_cfg(d_expert=d_expert))
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3)
     x = torch.randn(2, 16, 32)
@@ -250,3 +251,19 @@ def test_step2_exact_resume(text_data, tmp_path):
     _, b, _, _ = load_run(tmp_path / "part")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_grouped_mm_probe_works_when_first_called_without_grad():
+    """The probe is cached per process; a server or an eval makes its first MoE forward under inference_mode,
+    and a probe that needs autograd must not conclude "unsupported" there (it did: serving fell back to the
+    slice loop for the whole process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, steplab.models.moe as m\n"
+            "with torch.inference_mode():\n    a = m.grouped_mm_works('cpu', torch.float32)\n"
+            "print(a, hasattr(torch, '_grouped_mm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[1] == "False":
+        pytest.skip("this torch build has no torch._grouped_mm")
+    assert out[0] == "True"

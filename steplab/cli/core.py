@@ -8,8 +8,10 @@ import time
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the main job: corpus -> tokenizer -> shards -> train -> eval -> samples")
-    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
-    p.add_argument("--budget", type=float, default=1.0, help="scale the training work (1.0: within 10 min on 2 CPU cores)")
+    p.add_argument("--out", help="output directory (default: runs/quickstart, or runs/quickstart-moe with --moe)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale the training work (1.0: ~8.5 min on 2 CPU cores)")
+    p.add_argument("--moe", action="store_true",
+                   help="sweep, fit (in active N) and train Step-2 MoE models instead of dense ones")
     p.add_argument("--source", default="stdlib", help="corpus (default: the Python standard library sources)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
@@ -75,7 +77,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 def cmd_quickstart(args) -> int:
     from steplab.quickstart import quickstart
 
-    quickstart(out=args.out, budget=args.budget, source=args.source, device=args.device, resume=args.resume)
+    quickstart(out=args.out, budget=args.budget, source=args.source, device=args.device, resume=args.resume,
+               moe=args.moe)
     return 0
 
 

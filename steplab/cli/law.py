@@ -263,14 +263,12 @@ def _add_sweep(law_sub) -> None:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from steplab.law.sweep import expand_grid, run_sweep
+    from steplab.law.sweep import expand_grid, run_state, run_sweep
 
     if args.dry_run:
         runs = expand_grid(args.grid, args.data)
         for r in runs:
-            d = Path(args.out) / "runs" / r.run_id
-            state = ("finished" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file()
-                     else "partial" if d.exists() else "new")
+            state = run_state(Path(args.out) / "runs" / r.run_id)
             t = r.config["train"]
             print(f"{state:<9} {r.run_id}  steps {t['max_steps']}, batch {t['batch_size'] * t['grad_accum']}, "
                   f"lr {t['lr']:.3g}, {r.cost:.3g} FLOPs")

@@ -132,6 +132,7 @@ class ParametricFit:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kind: str = "chinchilla"
+    N_is: str = "N"                # "N_active" when fitted on MoE runs (C = 6 N_active D)
 
     def predict(self, N, D) -> np.ndarray:
         return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
@@ -162,7 +163,7 @@ class ParametricFit:
         return out
 
     def to_dict(self) -> dict:
-        d: dict = {"kind": self.kind}
+        d: dict = {"kind": self.kind, "N_is": self.N_is}
         for name, est in self.estimates().items():
             d[name], d[f"{name}_se"], d[f"{name}_ci"] = est.value, est.se, list(est.ci)
         d["quality"] = {"n": self.n, "huber_objective": self.objective, "rmse_log_loss": self.rmse_log,
@@ -428,7 +429,7 @@ def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_boots
                               n_bootstrap=n_bootstrap, seed=seed)
         fit.warnings[:0], fit.notes[:0] = sink, table.notes
         return fit
-    table = usable(table, ("N", "D", "loss"), drop_invalid, sink)
+    table, N_is = in_active_params(usable(table, ("N", "D", "loss"), drop_invalid, sink))
     table, _ = best_per_cell(table)
     if kind == "chinchilla":
         fit = fit_parametric(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed,
@@ -439,4 +440,27 @@ def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_boots
                            n_bootstrap=n_bootstrap, seed=seed) for k in (1, 2)]
     for f in fit if isinstance(fit, list) else [fit]:
         f.warnings[:0], f.notes[:0] = sink, table.notes
+        f.N_is = N_is
     return fit
+
+
+def in_active_params(table: RunsTable) -> tuple[RunsTable, str]:
+    """MoE runs (N_active < N): the loss law is fitted in ACTIVE N, the parameters a token pays for, so that
+    C = 6 N D holds and the compute-optimal split is in what compute buys (total N stays in N_total). One
+    expert layout per fit: dense and MoE runs, or two layouts, follow different laws."""
+    if "N_active" not in table:
+        return table, "N"
+    N, Na = table["N"], table["N_active"]
+    moe = np.isfinite(Na) & (Na < N)
+    if not moe.any():
+        return table, "N"
+    unknown = np.full(len(table), np.nan)
+    layouts = {f"{e:g}/{k:g}" for e, k in zip(table.data.get("n_experts", unknown), table.data.get("top_k", unknown))}
+    if not moe.all() or len(layouts) > 1:
+        raise FitError(f"{table.source} mixes dense and MoE runs or several expert layouts ({int(moe.sum())} of "
+                       f"{len(table)} runs are MoE); a law holds for one layout: add --where n_experts=E")
+    data = {**table.data, "N": Na, "N_total": N}
+    ratio = float(np.median(N / Na))
+    note = (f"MoE runs: the law is fitted in ACTIVE non-embedding N (C = 6 N_active D); total N is "
+            f"~{ratio:.2f}x larger")
+    return RunsTable(data, table.source, table.adapter, table.notes + [note]), "N_active"

@@ -67,11 +67,22 @@ def _check_positive(**values: float) -> None:
 
 # ---------------------------------------------------------------------------------------- fitting
 
-def cell_ids(table: RunsTable, n_key: str | None = None) -> np.ndarray:
+def cell_ids(table: RunsTable, n_key: str | None = None, rel: float = 0.02) -> np.ndarray:
     """Integer id of each run's (N, D) cell; MoE cells are told apart by active N (two expert layouts
-    can share a total N)."""
+    can share a total N). Values within ``rel`` of each other are one cell: a sweep's D is steps x batch
+    tokens, so the batches of one cell give Ds a fraction of a batch apart (499,712 and 500,224 for 0.5M)."""
     n_key = n_key or ("N_active" if "N_active" in table else "N")
-    return np.unique(np.stack([table[n_key], table["D"]], 1), axis=0, return_inverse=True)[1].ravel()
+    ids = np.stack([_group(table[n_key], rel), _group(table["D"], rel)], 1)
+    return np.unique(ids, axis=0, return_inverse=True)[1].ravel()
+
+
+def _group(values: np.ndarray, rel: float) -> np.ndarray:
+    """Group ids of sorted values, a new group wherever the next value is more than ``rel`` above the last."""
+    order = np.argsort(values, kind="stable")
+    v = np.log(np.asarray(values, float)[order])
+    ids = np.empty(len(v), dtype=int)
+    ids[order] = np.concatenate([[0], np.cumsum(np.diff(v) > np.log1p(rel))]) if len(v) else []
+    return ids
 
 
 def select_near_best(table: RunsTable, tolerance: float = 0.0025, n_key: str | None = None) -> np.ndarray:

@@ -16,8 +16,9 @@ MassiveText scale, so for your own data fit your own sweep (``fit=``, or ``--fro
 
 MoE (``moe=True``): N is the *active* non-embedding count, since compute is 6 N_active D. The shape is a
 Step-2 layout (8 routed experts, top-2, 1 shared expert) sized so that N_active hits the target; its total N
-is about 2.3x larger. The loss is the dense law at N = N_active (no MoE runs in the fit: an MoE usually does
-at least as well as the dense model of its active size). The learning rate uses Step Law with the TOTAL N:
+is about 2.3x larger. The loss is the law fitted on MoE runs (``law fit`` fits a runs table of MoE runs in
+active N), or else the dense law at N = N_active (an MoE usually does at least as well as the dense model of
+its active size). A law fitted on MoE runs plans MoE runs only. The learning rate uses Step Law with the TOTAL N:
 on Step Law's released MoE runs the grid-best learning rates follow the law with total N (cell RMS 0.2-0.3
 in log lr) far better than with active N (off by 2.7-3.4x); see docs/scaling_laws.md.
 """
@@ -39,7 +40,9 @@ from steplab.utils import atomic_write_text
 # Epoch AI's refit of Chinchilla approach 3 (Besiroglu et al. 2024, arXiv 2404.10102).
 EPOCH = {"E": 1.817, "A": 482.0, "B": 2085.4, "alpha": 0.348, "beta": 0.366}
 EPOCH_SOURCE = "Epoch AI's refit of Chinchilla (E=1.817, A=482, B=2085, alpha=0.348, beta=0.366), published coefficients"
-MOE_LAYOUT = {"n_experts": 8, "top_k": 2, "n_shared": 1}  # the step2-* presets' layout
+# the step2-* presets' layout and router (sigmoid scores; bias rate 1e-2: at 1e-3 the router collapsed
+# within ~10 steps at our learning rates, docs/LOG.md)
+MOE_LAYOUT = {"n_experts": 8, "top_k": 2, "n_shared": 1, "score": "sigmoid", "bias_update_rate": 1e-2}
 
 
 def coefficients_fit(E: float, A: float, B: float, alpha: float, beta: float) -> ParametricFit:
@@ -288,6 +291,9 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
     if not (isinstance(seq_len, int) and seq_len > 0):
         raise ConfigError(f"plan: seq_len = {seq_len!r} must be a positive integer")
     law, law_text = as_fit(fit)
+    if law.N_is == "N_active" and not moe:
+        raise ConfigError("plan: the law was fitted on MoE runs (in active N); plan an MoE with --moe, or fit "
+                          "dense runs for a dense plan")
     C, N, D, how = optimal_allocation(law, compute, params, tokens)
     notes: list[str] = []
     if fit is None:
@@ -303,8 +309,11 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
                      f"N_total = {N_model:,} and N_active = {N_active_model:,} non-embedding parameters")
         notes.append("MoE: the learning rate uses Step Law with TOTAL N: on Step Law's MoE runs total N predicts "
                      "the grid-best lr far better than active N (docs/scaling_laws.md); batch depends on D only")
-        notes.append("MoE: the loss is the dense law at N = N_active (the law has no MoE runs); an MoE usually "
-                     "does at least as well as a dense model of its active size")
+        if law.N_is == "N_active":
+            notes.append("MoE: the loss law was fitted on MoE runs, in active N")
+        else:
+            notes.append("MoE: the loss is the dense law at N = N_active (the law has no MoE runs); an MoE usually "
+                         "does at least as well as a dense model of its active size")
 
     seqs = max(1, int(round(hp["batch_tokens"] / seq_len)))
     accum = max(1, math.ceil(seqs / max_micro_batch))

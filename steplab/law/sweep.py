@@ -162,8 +162,8 @@ def _size_layer(size: Any) -> tuple[str, dict[str, Any], str | None]:
 
 
 def _short(x: float) -> str:
-    """Compact, filename-safe number: 2000000 -> 2M, 0.003 -> 3e-3, 4096 -> 4096."""
-    if x >= 1e5:
+    """Compact, filename-safe number: 2000000 -> 2M, 80000 -> 80k, 4096 -> 4.096k, 0.003 -> 3e-3."""
+    if x >= 1e3:
         for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
             if x >= scale:
                 return f"{x / scale:.4g}{unit}"
@@ -445,13 +445,8 @@ def _cell(v: Any) -> Any:
     return "" if v is None else v
 
 
-def sweep_status(out_dir: str | os.PathLike, grid: str | os.PathLike | dict, data_path: str) -> dict[str, int]:
-    """How many runs of the grid are finished, failed, partial (to resume) or not started."""
-    out = Path(out_dir)
-    counts = {"finished": 0, "failed": 0, "partial": 0, "new": 0}
-    for r in expand_grid(grid, data_path):
-        d = out / "runs" / r.run_id
-        key = ("finished" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file()
-               else "partial" if d.exists() else "new")
-        counts[key] += 1
-    return counts
+def run_state(run_dir: str | os.PathLike) -> str:
+    """finished (summary.json), failed (failed.json), partial (to resume) or new."""
+    d = Path(run_dir)
+    return ("finished" if (d / "summary.json").is_file() else "failed" if (d / "failed.json").is_file()
+            else "partial" if d.exists() else "new")

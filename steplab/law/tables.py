@@ -6,6 +6,7 @@ whatever the source:
     N               parameters the law is fitted in (non-embedding where the source reports it)
     N_total         all parameters, where the source reports them separately
     N_active        active parameters per token (MoE)
+    n_experts, top_k  the MoE layout (routed experts, experts per token; 0 for dense), where given
     D               training tokens
     C               training FLOPs; 6*N*D when the source gives none
     budget          nominal compute of the run's IsoFLOP group, where the source has one
@@ -35,7 +36,7 @@ import numpy as np
 from steplab.errors import DataError
 
 NUMERIC = ("N", "N_total", "N_active", "D", "C", "budget", "loss", "loss_raw", "lr",
-           "batch_tokens", "batch_sequences", "seq_len")
+           "batch_tokens", "batch_sequences", "seq_len", "n_experts", "top_k")
 STRINGS = ("dataset", "label")
 CANONICAL = NUMERIC + STRINGS
 
@@ -211,7 +212,7 @@ ADAPTERS: dict[str, Adapter] = {
          "loss": ("loss", "val_loss", "final_val_loss", "smooth_loss", "smooth loss", "train_loss"),
          "lr": ("lr", "peak_lr", "learning_rate"), "batch_tokens": ("batch_tokens",),
          "batch_sequences": ("batch_sequences", "batch_size", "bs"), "seq_len": ("seq_len", "sequence_length"),
-         "dataset": ("dataset",), "label": ("name", "run", "label", "exp_name")}),
+         "n_experts": ("n_experts",), "top_k": ("top_k",), "dataset": ("dataset",), "label": ("name", "run", "label", "exp_name")}),
 }
 
 

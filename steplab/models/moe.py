@@ -99,21 +99,28 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Does ``torch._grouped_mm`` run forward and backward here? (CPU: yes in torch >= 2.9, fp32 and bf16.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:
-        x = torch.randn(5, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(3, 16, 32, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([2, 2, 5], device=device_type, dtype=torch.int32)  # includes an empty group
-        y = torch._grouped_mm(x, w, offs=offs)
-        y.backward(torch.ones_like(y))
-        ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
-        return bool(torch.allclose(y.float(), ref.float(), rtol=1e-2, atol=1e-2))
+    try:  # the first caller may be an eval or generation under no_grad/inference_mode: the probe needs grad
+        with torch.inference_mode(False), torch.enable_grad():
+            return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
 
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    x = torch.randn(5, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 16, 32, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([2, 2, 5], device=device_type, dtype=torch.int32)  # includes an empty group
+    y = torch._grouped_mm(x, w, offs=offs)
+    y.backward(torch.ones_like(y))
+    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+    return bool(torch.allclose(y.float(), ref.float(), rtol=1e-2, atol=1e-2))
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row-slice e of ``x`` (``counts[e]`` rows, in expert order) times ``w[e]``: (M, d_in) x (E, d_in, d_out) -> (M, d_out)."""
-    if grouped_mm_works(x.device.type, x.dtype):
+    # _grouped_mm wants row strides of a multiple of 16 bytes (e.g. d_expert a multiple of 8 in bf16)
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    if aligned and grouped_mm_works(x.device.type, x.dtype):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     # Fallback: one matmul per expert over its contiguous slice (no masking, no per-token loop).
     return torch.cat([xs @ w[e] for e, xs in enumerate(x.split(counts.tolist()))])

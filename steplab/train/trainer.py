@@ -212,7 +212,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train
     summary = {
         "run": run_dir.name,
         "N": params["N"], "N_active": params["N_active"], "params_total": params["total"],
-        "D": D, "C_6ND": 6.0 * params["N"] * D, "C_model": flops["model"] * D,
+        "D": D, "C_6ND": flops["6N"] * D, "C_model": flops["model"] * D,  # 6N: N_active for MoE (C = 6 N_a D)
         "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step, "batch_sequences": cfg.train.batch_size * cfg.train.grad_accum,
         "seq_len": cfg.data.seq_len, "steps": cfg.train.max_steps,
         "train_loss_final": losses[-1] if losses else float("nan"),
