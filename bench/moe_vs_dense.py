@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from statistics import mean
 import subprocess
@@ -123,10 +122,10 @@ def rich_pairs(widths: list[int], tokens: float, seeds: int, workers: int, cache
     parameter at widths 128-64). The MoE has 8 routed experts (top-2) + 1 shared of d_expert = d_ff / 3, so its
     active N equals the dense N up to the router. Both train with the dense model's lr (the quickstart's rule)
     and Step Law's batch, annealed to 0, through ``steplab.law.sweep`` (resumable; ``workers`` x 1 thread)."""
-    from steplab.config import ModelConfig
     from steplab.data.prepare import prepare_data
-    from steplab.law.sweep import run_sweep
-    from steplab.quickstart import CORPUS_BYTES, FAMILY, HPARAMS, SEQ_LEN, VOCAB_SIZE
+    from steplab.law.hparams import suggest
+    from steplab.law.sweep import hparam_coefs, run_sweep
+    from steplab.quickstart import CORPUS_BYTES, FAMILY, HPARAMS, SEQ_LEN, VOCAB_SIZE, moe_sizes
 
     data = cache / f"stdlib_full_v{VOCAB_SIZE}"
     if not (data / "meta.json").exists():
@@ -134,12 +133,9 @@ def rich_pairs(widths: list[int], tokens: float, seeds: int, workers: int, cache
     out = {}
     for d in widths:
         dense = {"d_model": d, **FAMILY, "name": f"dense-d{d}"}
-        d_ff = ModelConfig(d_model=d, n_head=FAMILY["n_head"]).d_ff
-        moe = {**dense, "name": f"moe-d{d}",
-               "moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": d_ff // 3, "score": "sigmoid",
-                       "bias_update_rate": 1e-2}}
+        moe = {**moe_sizes([dense])[0], "name": f"moe-d{d}"}
         N = count_params(ModelConfig(vocab_size=VOCAB_SIZE, d_model=d, n_layer=FAMILY["n_layer"], n_head=FAMILY["n_head"]))["N"]
-        lr = math.exp(HPARAMS["lr_intercept"]) * N ** HPARAMS["lr_coef_N"] * tokens ** HPARAMS["lr_coef_D"]
+        lr = suggest(N, tokens, SEQ_LEN, hparam_coefs({"hparams": HPARAMS}))["lr"]
         grid = {"sizes": [dense, moe], "tokens": [tokens], "lr": [lr], "batch_tokens": ["steplaw"],
                 "seeds": list(range(seeds)), "eval_tokens": 131072, "warmup_fraction": 0.05,
                 "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN}, "train": {"min_lr_ratio": 0.0}}}

@@ -58,14 +58,14 @@ EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
 
 
-def moe_sizes() -> list[dict]:
-    """SIZES as Step-2 MoE: 8 routed experts (top-2) + 1 shared, d_expert ~ d_ff / 3 (a multiple of 8, which
-    ``_grouped_mm`` needs in bf16), so N_active is within ~6% of the dense size's N."""
+def moe_sizes(sizes: list[dict] = SIZES) -> list[dict]:
+    """Dense sizes as Step-2 MoE: 8 routed experts (top-2) + 1 shared, d_expert ~ d_ff / 3 (a multiple of 8,
+    which ``_grouped_mm`` needs in bf16), so N_active is within ~6% of the dense size's N."""
     from steplab.config import ModelConfig
     from steplab.law.plan import MOE_LAYOUT
 
     out = []
-    for size in SIZES:
+    for size in sizes:
         d_ff = ModelConfig(d_model=size["d_model"], n_head=size["n_head"]).d_ff
         out.append({**size, "moe": {**MOE_LAYOUT, "d_expert": max(8, round(d_ff / 24) * 8)}})
     return out
