@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -42,23 +41,21 @@ from pathlib import Path
 
 import numpy as np
 
-# One family of shapes: 2 layers, 2 heads, the width varies (mixing depths 2-5 at these budgets put a
-# 3-layer model 5% above the 2-layer one next to it: depth changes how fast tiny models learn, which a law
-# in N alone cannot follow).
-SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 48, 64, 96, 128, 192, 256)]
+from steplab.quickstart import FAMILY, LR_RULE, LR_RULE_TEXT, SEQ_LEN  # the quickstart's recipe
+from steplab.quickstart import HPARAMS as RULE_HPARAMS
+from steplab.quickstart import VOCAB_SIZE as VOCAB
+
+# One family of shapes, the quickstart's: 2 layers, 2 heads, the width varies (mixing depths 2-5 at these
+# budgets put a 3-layer model 5% above the 2-layer one next to it: depth changes how fast tiny models learn,
+# which a law in N alone cannot follow). Vocab 1024 and the lr rule: see steplab/quickstart.py.
+SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96, 128, 192, 256)]
 # N = 32,768 / 55,296 / 106,496 / 221,184 / 425,984 / 884,736 / 1,605,632: 49x
 TOKENS = [500_000, 1_000_000, 2_000_000]
-SEQ_LEN = 256
-VOCAB = 1024  # not 4096: see steplab/quickstart.py (embeddings dominate tiny models; no N term to fit)
-# lr = RULE_LR (N / RULE_N)^RULE_N_EXP (D / RULE_D)^RULE_D_EXP: Step Law's form with our coefficients
-RULE_LR, RULE_N, RULE_N_EXP, RULE_D, RULE_D_EXP = 3e-3, 1.06e5, -0.3, 5e5, 0.307
-RULE_HPARAMS = {"lr_intercept": math.log(RULE_LR) - RULE_N_EXP * math.log(RULE_N) - RULE_D_EXP * math.log(RULE_D),
-                "lr_coef_N": RULE_N_EXP, "lr_coef_D": RULE_D_EXP}
-HP_SIZE, HP_TOKENS = {"d_model": 64, "n_layer": 2, "n_head": 2}, 500_000
+HP_SIZE, HP_TOKENS = {"d_model": 64, **FAMILY}, 500_000
 HP_LR_FACTORS = [2.0, 2 ** 0.5, 1.0, 2 ** -0.5, 0.5]  # x the rule's lr, plus Step Law's published lr
 HP_BATCH = ["steplaw*0.5", "steplaw", "steplaw*2"]
 # Step 4: the cells the hyperparameter laws are fitted on (the grid's cell, d_model 64 at 0.5M, is not one)
-TRANSFER_SIZES = [{"d_model": d, "n_layer": 2, "n_head": 2} for d in (32, 128)]
+TRANSFER_SIZES = [{"d_model": d, **FAMILY} for d in (32, 128)]
 TRANSFER_TOKENS = [500_000, 1_000_000]
 TRANSFER_LR_FACTORS = [2 ** 0.5, 1.0, 2 ** -0.5, 0.5]  # x the rule; 2x is past the cliff at every size tried
 FIXED = {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
@@ -111,7 +108,8 @@ def transfer_grid(scale: float) -> dict:
 
 
 def _rule_lr(N: float, D: float) -> float:
-    return RULE_LR * (N / RULE_N) ** RULE_N_EXP * (D / RULE_D) ** RULE_D_EXP
+    lr0, N0, a, D0, b = LR_RULE
+    return lr0 * (N / N0) ** a * (D / D0) ** b
 
 
 def fmt_n(x: float) -> str:
@@ -215,7 +213,7 @@ def main() -> int:
                     "train_transfer": _train_seconds(work / "hp_transfer") + _train_seconds(work / "hp_choice")},
         "load_avg_start": load0,
         "load_avg_end": os.getloadavg()[0],
-        "rule": {"lr": f"{RULE_LR:g} (N/{RULE_N:g})^{RULE_N_EXP} (D/{RULE_D:g})^{RULE_D_EXP}", "batch": "Step Law published"},
+        "rule": {"lr": LR_RULE_TEXT, "batch": "Step Law published"},
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     md = render(result, table, fit, hp, raw, published, rule, best, plots, summary_lines(fit), args)
@@ -263,7 +261,7 @@ def render(res, table, fit, hp, raw, published, rule, best, plots, fit_lines, ar
              f"Corpus: {res['corpus']} (vocab {res['vocab']}, {res['train_tokens']:,} train tokens). "
              f"{len(res['sizes'])} sizes, N {fmt_n(min(res['sizes']))}-{fmt_n(max(res['sizes']))} "
              f"({max(res['sizes']) / min(res['sizes']):.1f}x), token budgets "
-             + ", ".join(fmt_n(d) for d in res["tokens"]) + f"; lr {res['rule']['lr']}, batch: {res['rule']['batch']}.",
+             + ", ".join(fmt_n(d) for d in res["tokens"]) + f"; {res['rule']['lr']}, batch: {res['rule']['batch']}.",
              f"Training time summed over the runs: {res['seconds']['train_main'] / 60:.1f} min (main sweep) + "
              f"{res['seconds']['train_hp'] / 60:.1f} min (lr x batch grid) + {res['seconds']['train_transfer'] / 60:.1f} "
              f"min (Step Law refit on other cells). This invocation: {res['seconds']['total'] / 60:.1f} "

@@ -46,8 +46,10 @@ TOKENS = [500_000, 1_000_000, 2_000_000]
 # lr of exploratory runs was about 3-4e-3 at N = 106k, 2.5-3e-3 at 426k and ~2e-3 at 885k, and above it lies
 # a cliff where runs stall near loss 4.2. So the lr uses our own coefficients, a little below the best:
 # 3e-3 (N / 1.06e5)^-0.3 (D / 5e5)^0.307 (Step Law's D exponent). bench/predictable_scale.py checks it.
-HPARAMS = {"lr_intercept": math.log(3e-3) + 0.3 * math.log(1.06e5) - 0.307 * math.log(5e5),
-           "lr_coef_N": -0.3, "lr_coef_D": 0.307}
+LR_RULE = (3e-3, 1.06e5, -0.3, 5e5, 0.307)  # lr0, N0, a, D0, b: lr = lr0 (N/N0)^a (D/D0)^b
+LR_RULE_TEXT = "lr 3e-3 (N/1.06e5)^-0.3 (D/5e5)^0.307"
+HPARAMS = {"lr_intercept": math.log(LR_RULE[0]) - LR_RULE[2] * math.log(LR_RULE[1]) - LR_RULE[4] * math.log(LR_RULE[3]),
+           "lr_coef_N": LR_RULE[2], "lr_coef_D": LR_RULE[4]}
 BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
 # The planned run's D is kept at the largest swept budget (the law says "more data": D_opt is ~10x beyond).
 # With D allowed up to 3x (3.86M tokens, 90% of the corpus) the run beat the prediction by 6.6%: from 2M to
@@ -116,7 +118,7 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     runs = expand_grid(grid, str(data_dir))
     print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} runs "
           f"(N {min(_N(r) for r in runs):,}-{max(_N(r) for r in runs):,}, D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
-          f"lr 3e-3 (N/1.06e5)^-0.3 (D/5e5)^0.307, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
+          f"{LR_RULE_TEXT}, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
     t_sweep = time.time()
     run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=1, progress=progress)
     t_sweep = time.time() - t_sweep
