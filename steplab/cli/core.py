@@ -5,6 +5,16 @@ import argparse
 import json
 import time
 
+# Inference dtype of sample/chat/eval/serve (weights and KV cache). fp32: on CPU, bf16 decoding measured slower
+# (bench/decode_dtype.py, docs/benchmarks.md "issue 10"); pass --dtype bf16 where bf16 is faster (GPUs).
+DTYPES = ("fp32", "bf16")
+DEFAULT_DTYPE = "fp32"
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help=f"weights and KV cache dtype for inference (default {DEFAULT_DTYPE}: measured faster on CPU)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the main job: corpus -> tokenizer -> shards -> train -> eval -> samples")
@@ -50,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run")
     p.add_argument("--data", help="prepared dataset (default: the run's own)")
     p.add_argument("--batches", type=int, default=50, help="validation batches (default 50)")
+    add_dtype_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run")
@@ -63,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking the KV cache)")
     p.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    add_dtype_arg(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -136,23 +148,25 @@ def cmd_eval(args) -> int:
     cfg, model, tokenizer, step = load_run(args.run, device=device)
     _, _, val, _ = load_prepared(args.data or cfg.data.path)
     batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
-    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=cfg.train.dtype)
+    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=args.dtype)
     print(json.dumps({"run": args.run, "step": step, **result}, indent=2))
     return 0
 
 
 def cmd_sample(args) -> int:
+    from steplab.infer.engine import torch_dtype
     from steplab.infer.sampling import SamplingParams, generate
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
     cfg, model, tokenizer, _ = load_run(args.run, device=resolve_device("auto"))
-    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    model = model.to(torch_dtype(args.dtype))
+    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)  # plain text: marker strings stay text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     outs = generate(model, [prompt] * args.num_samples, params, stop_ids={tokenizer.eos_id}, use_cache=not args.no_cache)
     if args.json:
-        print(json.dumps([{"tokens": o, "text": tokenizer.decode(o, skip_special=True)} for o in outs]))
+        print(json.dumps([{"prompt_tokens": prompt, "tokens": o, "text": tokenizer.decode(o, skip_special=True)} for o in outs]))
         return 0
     for i, o in enumerate(outs):
         if args.num_samples > 1:
