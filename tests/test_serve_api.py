@@ -159,7 +159,7 @@ def test_api_greedy_equals_steplab_sample(server, loaded, client, capsys):
 
     run, _, tok = loaded
     prompt = "def parse(self"
-    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40", "--json"]) == 0
+    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40", "--json", "--dtype", "fp32"]) == 0
     sample = json.loads(capsys.readouterr().out)[0]
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, extra_body={"return_token_ids": True})
     assert r.choices[0].model_extra["token_ids"] == sample["tokens"]

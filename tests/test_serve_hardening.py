@@ -318,7 +318,7 @@ def test_cli_serve_dtype_max_len_prefill_chunk(loaded, monkeypatch):
         args = _parser().parse_args(["serve", f"{run}:m", "--no-auth", "--port", "0", *bad])
         with pytest.raises(ConfigError):
             args.func(args)
-    assert _parser().parse_args(["chat", str(run)]).dtype == "fp32"
+    assert _parser().parse_args(["chat", str(run)]).dtype == "bf16"
 
 
 def test_cli_sample_and_eval_take_dtype(loaded, capsys):

@@ -5,15 +5,17 @@ import argparse
 import json
 import time
 
-# Inference dtype of sample/chat/eval/serve (weights and KV cache). fp32: on CPU, bf16 decoding measured slower
-# (bench/decode_dtype.py, docs/benchmarks.md "issue 10"); pass --dtype bf16 where bf16 is faster (GPUs).
-DTYPES = ("fp32", "bf16")
-DEFAULT_DTYPE = "fp32"
+# Inference dtype of sample/chat/eval/serve (weights and KV cache; eval: autocast). bf16 by measurement: on this
+# CPU (AMX-BF16) KV-cached decoding of step1-mini ran 1.09x (batch 1) and 1.50x (batch 8) the fp32 speed
+# (bench/decode_dtype.py, docs/benchmarks.md "issue 10"). Pass --dtype fp32 on CPUs without native bf16, or for
+# bit-exact comparisons (the KV cache equals recomputation exactly only in fp32).
+DTYPES = ("bf16", "fp32")
+DEFAULT_DTYPE = "bf16"
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
-                   help=f"weights and KV cache dtype for inference (default {DEFAULT_DTYPE}: measured faster on CPU)")
+                   help=f"weights and KV cache dtype for inference (default {DEFAULT_DTYPE}: measured faster here; see docs/serving.md)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
