@@ -7,16 +7,53 @@ both sums (nanochat's convention).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import torch
 import torch.nn.functional as F
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character that stands for each byte -> that byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """UTF-8 byte count of every token id; 0 for special tokens."""
+    """UTF-8 bytes each token id stands for; 0 for special tokens.
+
+    A byte-level BPE token is a string over GPT-2's 256-character alphabet, one character per byte, so its
+    length in bytes is its length in characters. Decoding a token alone is wrong for any token holding part
+    of a multi-byte character (it decodes to U+FFFD, 3 bytes): accented and CJK text got the wrong count.
+    Added tokens (not byte-level) count their UTF-8 content; other decoders (SentencePiece-style byte
+    fallback ``<0xNN>`` and ``▁`` for a space) are counted the same way, token by token.
+    """
+    hf = tokenizer._tok  # the wrapped ``tokenizers.Tokenizer``
     special = set(tokenizer.special_ids.values())
-    lengths = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8", errors="surrogatepass")) for i in range(tokenizer.vocab_size)]
+    added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+    decoder = (json.loads(hf.to_str()).get("decoder") or {}).get("type")
+    byte_of = _byte_level_decoder()
+    lengths = []
+    for i in range(tokenizer.vocab_size):
+        piece = hf.id_to_token(i)
+        if i in special or piece is None:
+            lengths.append(0)
+        elif i in added:
+            lengths.append(len(added[i].encode("utf-8")))
+        elif decoder == "ByteLevel":
+            lengths.append(sum(1 if c in byte_of else len(c.encode("utf-8")) for c in piece))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            lengths.append(1)
+        else:
+            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
     return torch.tensor(lengths, dtype=torch.long)
 
 
