@@ -97,6 +97,10 @@ class TrainConfig:
     tensorboard: bool = False
     parallel: str = "auto"  # under torchrun: fsdp (default) | ddp; ignored in a single process
     init_from: str = ""  # a run directory (e.g. from `steplab import hf`) whose weights start this run
+    # init_state: continue from init_from's checkpoint (a run dir's latest, or a checkpoints/step_* dir) with its
+    # optimizer state, data position and step, as a resume would; a WSD decay branch of a sweep starts this way.
+    init_state: bool = False
+    ckpt_at: str = ""  # extra checkpoint steps, comma-separated ("80,160"): kept apart from keep_last (branch points)
 
 
 @dataclass

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from steplab.data.prepare import META, prepare_data
-from steplab.errors import FitError
+from steplab.errors import ConfigError, FitError
 
+MIN_CORPUS_BYTES = 400_000  # enough text for the 1024-token BPE at tiny budgets
 CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~4.3M train tokens, so no run repeats data
 # 1024, not 4096: at these sizes a 4096-token vocabulary puts most parameters and compute in the embedding and
 # lm_head (d_model 64: 524k embedding vs 106k non-embedding parameters); the loss then hardly depended on N
@@ -39,8 +40,11 @@ SEQ_LEN = 256
 # Budgets start at 0.5M: below that runs are still in their first fast drop (250k -> 500k -> 1M gave a
 # steeper first step), and a law fitted through it put E at 2.53 and predicted the planned run 6.6% high.
 FAMILY = {"n_layer": 2, "n_head": 2}
-SIZES = [{"d_model": d, **FAMILY} for d in (32, 48, 64, 96)]  # N = 32,768 / 55,296 / 106,496 / 221,184
-TOKENS = [500_000, 1_000_000, 2_000_000]
+# 5 widths over 16x in N (13,824 to 221,184): a sweep that spans 6.7x cannot separate alpha from E (alpha
+# 1.56, 95% CI [0.16, 2.57] on the earlier 4-size sweep). d_model 24 is the smallest width with an even head
+# dim whose N still follows the family (d_ff 64).
+SIZES = [{"d_model": d, **FAMILY} for d in (24, 32, 48, 64, 96)]  # N = 13,824 / 32,768 / 55,296 / 106,496 / 221,184
+TOKENS = [500_000, 1_000_000, 2_000_000]  # as WSD branches: one stable run per size (docs/scaling_laws.md)
 # lr and batch: Step Law's form, lr = c N^a D^b and batch = 0.58 D^0.571 (published). Its published lr
 # (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) is 3-10x too large at these sizes, and above the best
 # lr lies a cliff where runs stall near loss 4.2. So the lr uses our own coefficients with Step Law's D exponent:
@@ -53,11 +57,9 @@ LR_RULE_TEXT = "lr 3.4e-3 (N/1.06e5)^-0.163 (D/5e5)^0.307"
 HPARAMS = {"lr_intercept": math.log(LR_RULE[0]) - LR_RULE[2] * math.log(LR_RULE[1]) - LR_RULE[4] * math.log(LR_RULE[3]),
            "lr_coef_N": LR_RULE[2], "lr_coef_D": LR_RULE[4]}
 BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
-# The planned run's D is kept at the largest swept budget (the law says "more data": D_opt is ~10x beyond).
-# With D allowed up to 3x (3.86M tokens, 90% of the corpus) the run beat the prediction by 6.6%: from 2M to
-# 3.86M tokens the loss fell faster than the runs up to 2M implied. Extrapolating in N at a swept D held
-# within 1.3% in bench/predictable_scale.py.
-D_EXTRAPOLATION = 1.0
+# The planned run's D: the compute-optimal D of the fit when it fits in the corpus (one pass) and the fit
+# pins it down (95% interval within a factor of 2); otherwise the D the data allows (steplab.law.data_limits).
+D_OPT_MAX_RATIO = 2.0
 EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
 
@@ -75,11 +77,11 @@ def moe_sizes(sizes: list[dict] = SIZES) -> list[dict]:
     return out
 
 
-def sweep_grid(budget: float, device: str, moe: bool = False) -> dict:
+def sweep_grid(budget: float, device: str, moe: bool = False, seed: int = 0, mode: str = "wsd") -> dict:
     return {
         "sizes": moe_sizes() if moe else SIZES,
         "tokens": [max(SEQ_LEN * 8, int(t * budget)) for t in TOKENS],
-        "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS,
+        "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS, "seeds": [seed], "mode": mode,
         "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": 0.05,
         # min_lr_ratio 0: anneal to ~0, as Step Law's runs do (to 1e-5)
         "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
@@ -88,8 +90,11 @@ def sweep_grid(budget: float, device: str, moe: bool = False) -> dict:
 
 
 def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdlib", device: str = "auto",
-               resume: bool = False, progress: bool = True, moe: bool = False) -> dict:
-    """The whole loop; ``moe=True`` sweeps, fits (in active N) and trains Step-2 MoE models instead."""
+               resume: bool = False, progress: bool = True, moe: bool = False, seed: int = 0,
+               workers: int | None = None) -> dict:
+    """The whole loop; ``moe=True`` sweeps, fits (in active N) and trains Step-2 MoE models instead.
+    ``seed`` sets the data split, every sweep run and the planned run; ``workers`` the sweep's processes
+    (default: one per usable core)."""
     import torch
 
     from steplab.config import RunConfig
@@ -97,37 +102,53 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     from steplab.law.sweep import auto_threads, expand_grid, run_sweep
     from steplab.law.tables import load_table
     from steplab.train.trainer import resolve_device, train
+    from steplab.utils import atomic_write_json
 
     t0 = time.time()
+    phases: dict[str, float] = {}
     out_dir = Path(out or ("runs/quickstart-moe" if moe else "runs/quickstart"))
     data_dir, run_dir, sweep_dir = out_dir / "data", out_dir / "run", out_dir / "sweep"
     kind = "a Step-2 MoE model (N = active parameters)" if moe else "a model"
-    print(f"steplab quickstart -> {out_dir}  (budget {budget:g}): predict the loss of {kind}, then train it")
+    print(f"steplab quickstart -> {out_dir}  (budget {budget:g}, seed {seed}): predict the loss of {kind}, then train it")
 
     # 1. data
+    t = time.time()
     if (data_dir / META).is_file():
         meta = json.loads((data_dir / META).read_text())
+        if meta.get("seed", 0) != seed:
+            raise ConfigError(f"quickstart: {data_dir} was prepared with seed {meta.get('seed', 0)}, not {seed}; "
+                              "choose another --out or the same --seed")
         print(f"[1/5] data: reusing {data_dir}")
     else:
-        print(f"[1/5] data: {source} corpus -> byte-level BPE ({VOCAB_SIZE} tokens) -> shards")
-        meta = prepare_data(source, data_dir, vocab_size=VOCAB_SIZE, max_bytes=int(CORPUS_BYTES * max(budget, 0.25)),
-                            progress=progress)
+        print(f"[1/5] data: {source} corpus -> byte-level BPE ({VOCAB_SIZE} tokens) -> shards (split seed {seed})")
+        # the corpus scales with the budget as the sweep does, so the planned run stays ~2x the largest swept D
+        meta = prepare_data(source, data_dir, vocab_size=VOCAB_SIZE, max_bytes=max(MIN_CORPUS_BYTES, int(CORPUS_BYTES * budget)),
+                            progress=progress, seed=seed)
+    unique = float(meta["train"]["tokens"])
     print(f"      train {meta['train']['tokens']:,} tokens / val {meta['val']['tokens']:,} tokens "
           f"from {meta['train']['documents'] + meta['val']['documents']:,} documents")
+    phases["data"] = time.time() - t
 
-    # 2. sweep
-    grid = sweep_grid(budget, device, moe)
-    runs = expand_grid(grid, str(data_dir))
-    print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} runs "
-          f"(N {min(_N(r) for r in runs):,}-{max(_N(r) for r in runs):,}, D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
+    # 2. sweep, with the running fit printed after each new point
+    grid = sweep_grid(budget, device, moe, seed)
+    runs = [r for r in expand_grid(grid, str(data_dir)) if not r.stable]
+    Ns = sorted({_N(r) for r in runs})
+    C_max = max(6 * _N(r) * r.config["train"]["max_steps"] * _tokens_per_step(r.config) for r in runs)
+    target_C = BIG_FACTOR * C_max
+    print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} points as WSD branches "
+          f"(N {Ns[0]:,}-{Ns[-1]:,}: {Ns[-1] / Ns[0]:.1f}x; D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
           f"{LR_RULE_TEXT}, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
-    t_sweep = time.time()
-    run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=1, progress=progress)
-    t_sweep = time.time() - t_sweep
+    print(f"      planned run: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs within {unique:,.0f} unique tokens")
+    t = time.time()
+    with _quiet_numpy():
+        run_sweep(grid, sweep_dir, data_path=str(data_dir), workers=workers, progress=progress,
+                  on_result=lambda rows: _running_fit(rows, meta["vocab_size"], target_C, unique, moe))
+    phases["sweep"] = time.time() - t
     table, _ = in_active_params(load_table(sweep_dir / "runs.csv", adapter="runs"))  # MoE: N is N_active
 
     # 3. fit. Bootstrap draws of a barely determined exponent (alpha up to ~40 at tiny budgets) overflow in
     # exp/power; those draws only widen the interval, so numpy's overflow warnings are silenced here.
+    t = time.time()
     with _quiet_numpy():
         fit, why = fit_sweep(table, vocab=meta["vocab_size"])
         if fit is not None:
@@ -138,46 +159,51 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
             for w in fit.warnings:
                 print(f"      warning: {w}")
         else:
-            print(f"[3/5] fit: not usable ({why}); falling back to the largest sweep size at {BIG_FACTOR:g}x its tokens, "
-                  "with no prediction")
+            print(f"[3/5] fit: not usable ({why}); planning the largest size's family at {BIG_FACTOR:g}x compute "
+                  "within the data, with no prediction")
+        phases["fit"] = time.time() - t
 
         # 4. plan + train
-        C_max = float(np.max(table["C"]))
-        target_C = BIG_FACTOR * C_max
-        big, predicted, ci, plan_note = plan_big_run(fit, table, target_C, grid, data_dir, out_dir,
-                                                     max_tokens=0.9 * meta["train"]["tokens"], moe=moe)
-        print(f"[4/5] plan: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
-              f"({big['D'] / big['N']:.1f} tokens/param), lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
+        t = time.time()
+        big, predicted, ci, plan_note, choice = plan_big_run(fit, table, target_C, grid, data_dir, out_dir,
+                                                             unique_tokens=unique, moe=moe)
+        phases["plan"] = time.time() - t
+        print(f"[4/5] plan: C = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
+              f"({big['D'] / big['N']:.1f} tokens/param, {big['D'] / unique:.0%} of the unique tokens), "
+              f"lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
               + (f"; predicted val loss {predicted:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if predicted is not None else ""))
         if plan_note:
-            print(f"      note: {plan_note}")
+            print(f"      why: {plan_note}")
         m = big["config"]["model"]
         ffn = (f"{m['moe']['n_experts']} experts of {m['moe']['d_expert']} (top-{m['moe']['top_k']}) + "
                f"{m['moe']['n_shared']} shared" if moe else f"d_ff {m['d_ff']}")
         print(f"      train: d_model {m['d_model']}, {m['n_layer']} layers, {ffn}, {big['config']['train']['max_steps']} "
-              f"steps, device {resolve_device(device)} -> {run_dir}")
+              f"steps (WSD, the sweep's schedule), seed {seed}, device {resolve_device(device)} -> {run_dir}")
 
     cfg = RunConfig.from_dict(big["config"])
     cfg.train.eval_every = max(1, cfg.train.max_steps // 3)  # two points on the curve before the final eval
-    torch.set_num_threads(auto_threads(1))  # as the sweep's workers: 1 thread while other processes keep a core busy
-    t_big = time.time()
+    torch.set_num_threads(auto_threads(1))  # every usable core, fewer when other processes keep cores busy
+    t = time.time()
     summary = train(cfg, run_dir, resume=resume, progress=progress)
-    t_big = time.time() - t_big
+    phases["train"] = time.time() - t
 
     # 5. compare, report, samples
+    t = time.time()
     measured = summary["val_loss"]
     err = None if predicted is None else predicted / measured - 1
     with _quiet_numpy():
         report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
+    phases["report"] = time.time() - t
 
     wall = time.time() - t0
+    inside = predicted is not None and ci[0] <= measured <= ci[1]
     print("\n== result ==")
     if predicted is not None:
-        inside = ci[0] <= measured <= ci[1]
-        print(f"predicted validation loss {predicted:.4f} (95% CI [{ci[0]:.4f}, {ci[1]:.4f}]), measured {measured:.4f}: "
-              f"error {err:+.2%} ({'inside' if inside else 'outside'} the interval)")
+        print(f"predicted validation loss {predicted:.4f} (95% CI [{ci[0]:.4f}, {ci[1]:.4f}], "
+              f"{(ci[0] / predicted - 1):+.2%} / {(ci[1] / predicted - 1):+.2%}), measured {measured:.4f}: "
+              f"error {err:+.2%} ({'inside' if inside else 'OUTSIDE'} the interval)")
     else:
         print(f"no prediction ({why}); measured {measured:.4f}")
     if moe:
@@ -186,12 +212,48 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     else:
         print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
     print(f"validation loss {measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte")
-    print(f"throughput {summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}")
-    print(f"wall time {wall:.1f} s (sweep {t_sweep:.0f} s, planned run {t_big:.0f} s)")
+    print(f"throughput {summary['tok_per_s']:,.0f} tokens/s on {summary['threads']} thread(s), MFU {summary['mfu']:.1%}")
+    print(f"wall time {wall:.1f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
     print(f"run directory {run_dir}: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
     print(f"report {report}")
-    return {**summary, "predicted_loss": predicted, "predicted_ci": ci, "rel_err": err, "wall_seconds": wall,
-            "sweep_seconds": t_sweep, "big_seconds": t_big, "report": str(report)}
+    result = {"predicted_loss": predicted, "predicted_ci": list(ci) if ci else None, "measured_loss": measured,
+              "rel_err": err, "inside_interval": inside, "N": summary["N"], "N_active": summary["N_active"],
+              "D": summary["D"], "C": summary["C_6ND"], "target_C": target_C, "unique_tokens": unique,
+              "N_span": Ns[-1] / Ns[0], "sweep_N": Ns, "plan": choice, "seed": seed, "budget": budget,
+              "wall_seconds": wall, "phase_seconds": phases, "threads": summary["threads"],
+              "fit": None if fit is None else {k: fit.to_dict()[k] for k in ("E", "A", "B", "alpha", "beta",
+                                                                            "alpha_ci", "beta_ci")}}
+    atomic_write_json(out_dir / "prediction.json", result)
+    print(f"prediction {out_dir / 'prediction.json'}")
+    return {**summary, **result, "report": str(report)}
+
+
+def _tokens_per_step(config: dict) -> int:
+    t = config["train"]
+    return t["batch_size"] * t["grad_accum"] * config["data"]["seq_len"]
+
+
+def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, moe: bool) -> None:
+    """After each sweep point: the fit so far (a quick one: 50 bootstrap draws) and its prediction for the
+    planned run, so the prediction visibly tightens as the sweep goes."""
+    from steplab.law.data_limits import data_plan
+    from steplab.law.tables import RunsTable
+
+    from tqdm.auto import tqdm
+
+    cols = {k: np.array([float(r["N_active" if (moe and k == "N") else k]) for r in rows]) for k in ("N", "D", "loss")}
+    if len(np.unique(cols["N"])) < 3 or len(np.unique(cols["D"])) < 3:
+        tqdm.write(f"    fit: {len(rows)} points, waiting for 3 sizes x 3 budgets")
+        return
+    table = RunsTable({**cols, "C": 6 * cols["N"] * cols["D"]}, source="sweep so far")
+    fit, why = fit_sweep(table, vocab=vocab, n_bootstrap=50)
+    if fit is None:
+        tqdm.write(f"    fit: {len(rows)} points, not yet usable ({why})")
+        return
+    p = data_plan(fit, target_C, unique, mode="one-epoch")
+    lo, hi = fit.predict_interval(np.array([p.N]), np.array([p.D]))
+    tqdm.write(f"    fit on {len(rows)} points: alpha {fit.alpha:.3f}, beta {fit.beta:.3f}, E {fit.E:.3f}; planned run "
+               f"N {p.N:.3g}, D {p.D:.3g}: predicted {float(fit.predict(p.N, p.D)):.4f} [{lo[0]:.4f}, {hi[0]:.4f}]")
 
 
 @contextlib.contextmanager
@@ -209,7 +271,7 @@ def _N(run) -> int:
     return count_params(RunConfig.from_dict(run.config).model)["N_active"]  # = N for dense
 
 
-def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
+def fit_sweep(table, vocab: int, n_bootstrap: int = 300, seed: int = 0):
     """(fit, None) or (None, why). Runs that did not learn (loss near ln V) or diverged are left out first."""
     from steplab.law.fit import FitWarning, fit_parametric
 
@@ -220,7 +282,7 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FitWarning)
-            fit = fit_parametric(table["N"][stable], table["D"][stable], loss[stable], n_bootstrap=n_bootstrap, seed=0)
+            fit = fit_parametric(table["N"][stable], table["D"][stable], loss[stable], n_bootstrap=n_bootstrap, seed=seed)
     except FitError as e:
         return None, str(e)
     if not (0.02 < fit.alpha < 3 and 0.02 < fit.beta < 3):
@@ -228,44 +290,48 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300):
     return fit, None
 
 
-def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, max_tokens: float,
+def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, unique_tokens: float,
                  moe: bool = False):
-    """Plan the run at ``target_C`` and resolve its config with the sweep's own recipe (lr and batch rules,
-    warmup fraction, eval tokens), so the law's runs and the predicted run differ only in N and D.
-    The plan stays where the law has support: N up to 4x the largest swept size, D up to ``D_EXTRAPOLATION``
-    x the largest swept budget and within one pass over the corpus; if the compute-optimal point lies outside,
-    the nearest allowed point at the same compute is planned instead, and the report says so."""
+    """Plan the run at ``target_C`` within the data and resolve its config with the sweep's own recipe (lr and
+    batch rules, warmup fraction, WSD schedule, eval tokens), so the law's points and the planned run differ
+    only in N and D. D is the fit's compute-optimal D when it fits in one pass over the unique tokens and the
+    fit pins it down (95% bootstrap interval of D_opt within a factor of ``D_OPT_MAX_RATIO``); otherwise the
+    D the data allows, and N = C / 6D. No hand-set cap: the note says which case and why."""
     from steplab.config import RunConfig
-    from steplab.law.plan import optimal_allocation, plan, write_config
-    from steplab.law.sweep import expand_grid, hparam_coefs
+    from steplab.law.data_limits import d_opt_interval, data_plan
+    from steplab.law.plan import plan, write_config
+    from steplab.law.sweep import DECAY_FRACTION, expand_grid, hparam_coefs
     from steplab.models import count_params
 
     kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
               warmup_fraction=grid["warmup_fraction"], moe=moe, **FAMILY)
-    notes = []
-    Ns = np.unique(table["N"])
-    lo, hi = float(Ns.min()), 4 * float(Ns.max())
+    choice: dict = {"unique_tokens": unique_tokens}
     if fit is not None:
-        _, N_opt, D_opt, _ = optimal_allocation(fit, compute=target_C)
-        N = N_opt
-        if not lo <= N <= hi:
-            N = float(np.clip(N, lo, hi))
-            notes.append(f"the fit puts N_opt at {N_opt:.3g}, outside {lo:.3g}-{hi:.3g} (the swept sizes up to 4x)")
-        D_cap = min(max_tokens, D_EXTRAPOLATION * float(np.max(table["D"])))
-        if target_C / (6 * N) > D_cap:
-            N = target_C / (6 * D_cap)
-            notes.append(f"the fit puts D_opt at {D_opt:.3g}; D is capped at {D_cap:,.0f} tokens (the largest swept "
-                         "budget: extrapolating in D misled, see docs/scaling_laws.md)")
-        if N != N_opt:
-            p = plan(compute=target_C, params=N, fit=fit, **kw)
-            notes.append(f"planned N = {N:.3g}, D = {p.D:.3g} at the same compute instead")
-        else:
-            p = plan(compute=target_C, fit=fit, **kw)
+        dp = data_plan(fit, target_C, unique_tokens, mode="one-epoch")
+        N, D, note = dp.N, dp.D, dp.why
+        interval = d_opt_interval(fit, target_C)
+        choice.update(kind=dp.kind, N_opt=dp.N_opt, D_opt=dp.D_opt, D_opt_ci=list(interval) if interval else None)
+        if dp.kind == "fits" and (interval is None or interval[1] / interval[0] > D_OPT_MAX_RATIO):
+            N, D = target_C / (6 * unique_tokens), unique_tokens
+            shown = f"[{interval[0]:.3g}, {interval[1]:.3g}]" if interval else "(no bootstrap)"
+            note = (f"the fit cannot choose D: D_opt = {dp.D_opt:.3g} but its 95% bootstrap interval {shown} is wider "
+                    f"than {D_OPT_MAX_RATIO:g}x; planned N at the D the data allows (one pass, {D:,.0f} tokens)")
+            choice["kind"] = "d-undetermined"
+        elif interval is not None:
+            note += f" (D_opt 95% interval [{interval[0]:.3g}, {interval[1]:.3g}])"
+        p = plan(compute=target_C, params=N, **kw)
     else:
-        N = max(float(Ns.max()), target_C / (6 * max_tokens))
-        p = plan(compute=target_C, params=N, **kw)  # shape only; the default law predicts nothing for this data
+        N, D = target_C / (6 * unique_tokens), unique_tokens
+        note = "no usable fit: N = C / 6D at the D the data allows"
+        choice["kind"] = "no-fit"
+        p = plan(compute=target_C, params=N, **kw)
+    choice.update(why=note, N_target=N, D_target=D)
     write_config(p, out_dir / "plan.toml")
-    one = {**grid, "sizes": [{k: v for k, v in p.model.items() if k != "max_seq_len"}], "tokens": [p.D]}
+    D_run = min(D, unique_tokens)
+    one = {**grid, "sizes": [{k: v for k, v in p.model.items() if k != "max_seq_len"}], "tokens": [D_run],
+           "mode": "independent"}
+    one["fixed"] = {**grid["fixed"], "train": {**grid["fixed"]["train"], "schedule": "wsd",
+                                               "decay_fraction": DECAY_FRACTION}}
     run = expand_grid(one, str(data_dir))[0]
     cfg = RunConfig.from_dict(run.config)
     N_cfg = count_params(cfg.model)["N_active"]  # = N for dense; the law's N for MoE
@@ -277,7 +343,7 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
         ci = (float(lo_[0]), float(hi_[0]))
     big = {"config": run.config, "N": N_cfg, "D": D_cfg, "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step,
            "plan": p}
-    return big, predicted, ci, "; ".join(notes)
+    return big, predicted, ci, note, choice
 
 
 def print_samples(run_dir: Path, device: str) -> None:

@@ -129,7 +129,7 @@ def grid_dict() -> dict:
         "tokens": [1536, 2560],
         "lr": [3e-3],
         "batch_tokens": [256],
-        "eval_tokens": 512,
+        "eval_tokens": 512, "mode": "independent",
         "fixed": {"data": {"seq_len": 64}, "model": {"max_seq_len": 128}, "train": {"warmup_steps": 2}},
     }
 
@@ -207,8 +207,9 @@ def test_sweep_cli_dry_run(tiny_data, tmp_path, capsys):
                     'lr = ["steplaw"]\n[fixed]\ndata = {seq_len = 64}\n')
     assert main(["law", "sweep", "--grid", str(grid), "--data", str(tiny_data), "--out", str(tmp_path / "s"),
                  "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("new ") == 4 and "4 runs" in out and "step1-nano-D2.048k" in out
+    out = capsys.readouterr().out  # a D grid defaults to wsd: per size one stable run and a branch per budget
+    assert out.count("new ") == 6 and "6 runs" in out and out.count("(stable phase)") == 2
+    assert "step1-nano-wsd-D2.048k" in out and out.count("(branch of step") == 4
 
 
 # -------------------------------------------------------------------------------------- MoE in the lab

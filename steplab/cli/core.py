@@ -21,12 +21,14 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the main job: corpus -> tokenizer -> shards -> train -> eval -> samples")
     p.add_argument("--out", help="output directory (default: runs/quickstart, or runs/quickstart-moe with --moe)")
-    p.add_argument("--budget", type=float, default=1.0, help="scale the training work (1.0: ~8.5 min on 2 CPU cores)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale the training work (1.0: the full quickstart; docs/benchmarks.md has its wall time)")
     p.add_argument("--moe", action="store_true",
                    help="sweep, fit (in active N) and train Step-2 MoE models instead of dense ones")
     p.add_argument("--source", default="stdlib", help="corpus (default: the Python standard library sources)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, every sweep run and the planned run")
+    p.add_argument("--workers", type=int, help="sweep processes (default: one per usable core)")
     p.set_defaults(func=cmd_quickstart)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", metavar="<data-verb>")
@@ -92,7 +94,7 @@ def cmd_quickstart(args) -> int:
     from steplab.quickstart import quickstart
 
     quickstart(out=args.out, budget=args.budget, source=args.source, device=args.device, resume=args.resume,
-               moe=args.moe)
+               moe=args.moe, seed=args.seed, workers=args.workers)
     return 0
 
 

@@ -248,7 +248,8 @@ def _add_sweep(law_sub) -> None:
     p.add_argument("--grid", required=True, help="grid TOML (see docs/scaling_laws.md)")
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--out", required=True, help="sweep directory: runs/, runs.csv, runs.jsonl, sweep.json")
-    p.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1; 0: in this process)")
+    p.add_argument("--workers", type=int, help="parallel training processes (default: one per usable core, "
+                                               "from the CPU affinity; 0: in this process)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers, fewer when busy)")
     p.add_argument("--retry-failed", action="store_true", help="re-run runs that failed (diverged) before")
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
@@ -270,8 +271,9 @@ def cmd_sweep(args) -> int:
         for r in runs:
             state = run_state(Path(args.out) / "runs" / r.run_id)
             t = r.config["train"]
+            role = " (stable phase)" if r.stable else f" (branch of step {r.branch_step})" if r.parent else ""
             print(f"{state:<9} {r.run_id}  steps {t['max_steps']}, batch {t['batch_size'] * t['grad_accum']}, "
-                  f"lr {t['lr']:.3g}, {r.cost:.3g} FLOPs")
+                  f"lr {t['lr']:.3g}, {r.cost:.3g} FLOPs{role}")
         print(f"{len(runs)} runs, {sum(r.cost for r in runs):.3g} FLOPs in all")
         return 0
     res = run_sweep(args.grid, args.out, data_path=args.data, workers=args.workers, threads=args.threads,

@@ -51,7 +51,10 @@ from steplab.errors import ConfigError, StepLabError
 from steplab.utils import atomic_write_json, atomic_write_text
 
 GRID_KEYS = {"sizes", "tokens", "lr", "batch_tokens", "seeds", "fixed", "warmup_fraction", "eval_tokens",
-             "ckpt_every_fraction", "hparams", "name"}
+             "ckpt_every_fraction", "hparams", "name", "mode", "decay_fraction"}
+MODES = ("wsd", "independent")
+# A WSD branch decays over this fraction of its own steps (Hägele et al. 2024 find ~20% matches cosine).
+DECAY_FRACTION = 0.2
 # Columns first in the runs table, in this order; any other summary key follows alphabetically.
 TABLE_COLUMNS = ["run", "size", "N", "N_active", "D", "C", "loss", "val_loss", "val_bpb", "train_loss_smoothed",
                  "train_loss_final", "lr", "lr_rule", "batch_tokens", "batch_rule", "batch_sequences", "seq_len",
@@ -66,6 +69,9 @@ class SweepRun:
     config: dict[str, Any]      # the full resolved RunConfig as a nested dict
     point: dict[str, Any]       # grid-point descriptors that go into the table (size, rules, target D)
     cost: float                 # model FLOPs of the run, for the progress bar and scheduling
+    parent: str | None = None   # wsd: the stable-phase run this branch starts from
+    branch_step: int = 0        # wsd: the parent's step (checkpoint) the branch starts at
+    stable: bool = False        # wsd: a stable-phase run (no decay): trained for its branches, not a table row
 
 
 @dataclass
@@ -107,6 +113,14 @@ def load_grid(grid: str | os.PathLike | dict) -> dict[str, Any]:
     spec.setdefault("warmup_fraction", 0.05)
     spec.setdefault("eval_tokens", 131072)
     spec.setdefault("ckpt_every_fraction", 0.25)
+    # wsd (the default for a D grid): per size, one warm-up + stable run and a decay branch per budget
+    spec.setdefault("mode", "wsd" if len(spec["tokens"]) > 1 else "independent")
+    if spec["mode"] not in MODES:
+        raise ConfigError(f"sweep grid: mode = {spec['mode']!r} is not one of {', '.join(MODES)}")
+    spec.setdefault("decay_fraction", DECAY_FRACTION)
+    f = spec["decay_fraction"]
+    if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1):
+        raise ConfigError(f"sweep grid: decay_fraction = {f!r} must be in (0, 1]")
     spec["hparams"] = dict(spec.get("hparams") or {})
     hparam_coefs(spec)  # validates
     return spec
@@ -212,7 +226,11 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
         for D in spec["tokens"]:
             if not (isinstance(D, (int, float)) and not isinstance(D, bool) and D >= seq_len):
                 raise ConfigError(f"sweep grid: token budget {D!r} must be a number of at least one sequence ({seq_len})")
-            law = suggest(N, float(D), seq_len, coefs)
+        budgets = sorted(float(D) for D in spec["tokens"]) if spec["mode"] == "wsd" else [float(D) for D in spec["tokens"]]
+        # wsd: the branches of one size share the stable phase, so its lr and batch: the rule's at the largest
+        # budget (that branch is then exactly an independent WSD run of the recipe at its D)
+        for D in ([budgets[-1]] if spec["mode"] == "wsd" else budgets):
+            law = suggest(N, D, seq_len, coefs)
             for lr_v in spec["lr"]:
                 lr_f = _rule_factor(lr_v, "lr")
                 lr = law["lr"] * lr_f if lr_f else float(lr_v)
@@ -220,8 +238,12 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
                     bt_f = _rule_factor(bt_v, "batch_tokens")
                     target_bt = law["batch_tokens"] * bt_f if bt_f else float(bt_v)
                     for seed in spec["seeds"]:
-                        runs.append(_make_run(spec, base, label, N, float(D), lr, lr_v, lr_f, target_bt, bt_v, bt_f,
-                                              int(seed), seq_len, vocab, val_tokens, data_hash, flops_per_token))
+                        args = (spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, int(seed), seq_len, vocab,
+                                val_tokens, data_hash, flops_per_token)
+                        if spec["mode"] == "wsd":
+                            runs += _wsd_runs(budgets, *args)
+                        else:
+                            runs.append(_make_run(D, *args))
     for r in runs:
         if r.run_id in seen:
             raise ConfigError(f"sweep grid: two grid points resolve to the same run ({r.run_id}); remove the duplicate")
@@ -229,22 +251,69 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
     return runs
 
 
-def _make_run(spec, base, label, N, D, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, seq_len, vocab, val_tokens,
-              data_hash, flops_per_token) -> SweepRun:
-    from steplab.config import RunConfig, _deep_update
-
-    fixed_train = spec["fixed"].get("train", {})
-    micro = int(fixed_train.get("batch_size", 0)) or None
+def _batch(spec, target_bt, seq_len) -> tuple[int, int, int]:
+    """(micro-batch sequences, grad_accum, tokens per step) for a target batch in tokens."""
+    micro = int(spec["fixed"].get("train", {}).get("batch_size", 0)) or None
     seqs = max(1, round(target_bt / seq_len))
     if micro and seqs > micro:  # a fixed micro-batch: reach the batch by gradient accumulation
         accum = max(1, round(seqs / micro))
         batch_size = micro
     else:
         accum, batch_size = 1, seqs
-    batch_tokens = batch_size * accum * seq_len
+    return batch_size, accum, batch_size * accum * seq_len
+
+
+def _wsd_runs(budgets, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, *rest) -> list[SweepRun]:
+    """One stable-phase run (warm-up, then constant lr, to the last branch point) and one decay branch per
+    budget: branch k starts from the stable run's checkpoint at (1 - decay_fraction) of its own steps, with
+    that run's optimizer state and data position, and decays linearly to min_lr over the rest. Its final
+    validation loss is the (N, D_k) point; it is a run of its own (directory, summary, resume)."""
+    seq_len = rest[0]
+    _, _, batch_tokens = _batch(spec, target_bt, seq_len)
+    steps = [max(2, round(D / batch_tokens)) for D in budgets]
+    f = float(spec["decay_fraction"])
+    starts = [max(1, int(n * (1 - f))) for n in steps]
+    fixed_train = spec["fixed"].get("train", {})
+    warmup = int(fixed_train.get("warmup_steps", max(1, round(spec["warmup_fraction"] * steps[0]))))
+    if warmup >= starts[0]:
+        raise ConfigError(f"sweep grid: the smallest budget's branch point (step {starts[0]}) is not after the warm-up "
+                          f"({warmup} steps); raise the smallest token budget or lower warmup_fraction")
+    stable = _make_run(starts[-1] * batch_tokens, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, *rest,
+                       train_extra={"schedule": "constant", "warmup_steps": warmup, "keep_last": 1,
+                                    "ckpt_at": ",".join(str(s) for s in sorted(set(starts)))},
+                       tag="stable")
+    stable.stable = True
+    out = [stable]
+    for D, n, s in zip(budgets, steps, starts):
+        decay = (n - s) / n
+        while int(n * (1 - decay)) < s:  # lr_at's decay start must be the branch point exactly
+            decay = math.nextafter(decay, 0.0)
+        r = _make_run(D, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, *rest,
+                      train_extra={"schedule": "wsd", "decay_fraction": decay, "warmup_steps": warmup,
+                                   "init_state": True, "max_steps": n}, tag="wsd")
+        r.parent, r.branch_step = stable.run_id, s
+        r.cost = r.cost * (n - s) / n  # FLOPs of its own steps; the stable run paid for the rest
+        r.point.update({"mode": "wsd", "parent": stable.run_id, "branch_step": s})
+        out.append(r)
+    return out
+
+
+def branch_init(out: Path, r: SweepRun) -> str:
+    """The checkpoint a wsd branch starts from (its parent's, at the branch step)."""
+    return str(out / "runs" / r.parent / "checkpoints" / f"step_{r.branch_step:08d}")
+
+
+def _make_run(D, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, seq_len, vocab, val_tokens,
+              data_hash, flops_per_token, train_extra: dict | None = None, tag: str = "") -> SweepRun:
+    from steplab.config import RunConfig, _deep_update
+
+    fixed_train = spec["fixed"].get("train", {})
+    batch_size, accum, batch_tokens = _batch(spec, target_bt, seq_len)
     steps = max(1, round(D / batch_tokens))
     train = {"lr": lr, "batch_size": batch_size, "grad_accum": accum, "max_steps": steps, "seed": seed}
-    if "warmup_steps" not in fixed_train:
+    train.update(train_extra or {})
+    steps = train["max_steps"]
+    if "warmup_steps" not in fixed_train and "warmup_steps" not in train:
         train["warmup_steps"] = max(1, round(spec["warmup_fraction"] * steps))
     if "eval_every" not in fixed_train:
         train["eval_every"] = steps  # one evaluation, at the end: that is the loss the table needs
@@ -253,7 +322,7 @@ def _make_run(spec, base, label, N, D, lr, lr_v, lr_f, target_bt, bt_v, bt_f, se
         train["eval_batches"] = max(1, math.ceil(eval_tokens / (batch_size * seq_len)))
     if "ckpt_every" not in fixed_train:
         train["ckpt_every"] = max(1, math.ceil(spec["ckpt_every_fraction"] * steps))
-    if "keep_last" not in fixed_train:
+    if "keep_last" not in fixed_train and "keep_last" not in train:
         train["keep_last"] = 1
     if "log_every" not in fixed_train:
         train["log_every"] = max(1, steps // 200)
@@ -262,8 +331,11 @@ def _make_run(spec, base, label, N, D, lr, lr_v, lr_f, target_bt, bt_v, bt_f, se
     d = cfg.to_dict()
     hashed = copy.deepcopy(d)
     hashed["data"].pop("path", None)  # the dataset enters through its fingerprint, not its location
+    hashed["train"].pop("init_from", None)  # a branch's parent checkpoint is set at run time (under the sweep's out)
     digest = hashlib.sha256((json.dumps(hashed, sort_keys=True) + data_hash).encode()).hexdigest()[:6]
-    run_id = f"{label}-D{_short(D)}-lr{_short(lr)}-b{_short(batch_tokens)}" + (f"-s{seed}" if seed else "") + f"-{digest}"
+    D = steps * batch_tokens if tag == "stable" else D
+    run_id = (f"{label}-{tag + '-' if tag else ''}D{_short(D)}-lr{_short(lr)}-b{_short(batch_tokens)}"
+              + (f"-s{seed}" if seed else "") + f"-{digest}")
     run_id = re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id)
     m = cfg.model
     model_for_flops = copy.deepcopy(m)
@@ -271,7 +343,8 @@ def _make_run(spec, base, label, N, D, lr, lr_v, lr_f, target_bt, bt_v, bt_f, se
     cost = flops_per_token(model_for_flops, seq_len)["model"] * steps * batch_tokens
     point = {"size": label, "tokens_target": D, "lr_rule": _rule_text(lr_v, lr_f), "batch_rule": _rule_text(bt_v, bt_f),
              "seed": seed, "d_model": m.d_model, "n_layer": m.n_layer, "n_head": m.n_head, "n_kv_head": m.n_kv_head,
-             "d_ff": m.d_ff, "n_experts": m.moe.n_experts, "top_k": m.moe.top_k if m.moe.n_experts else 0}
+             "d_ff": m.d_ff, "n_experts": m.moe.n_experts, "top_k": m.moe.top_k if m.moe.n_experts else 0,
+             "mode": spec["mode"]}
     return SweepRun(run_id, label, d, point, cost)
 
 
@@ -299,12 +372,17 @@ def _train_one(cfg_dict: dict, run_dir: str, threads: int) -> dict:
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "resumed": resume}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_threads(workers: int = 1) -> int:
     """Torch threads per worker: the cores divided among the workers, but no more than the cores other
     processes leave idle (1-minute load average). On a shared 2-core machine a second intra-op thread that
     has to wait for a busy core makes small-model steps 2-5x *slower* (measured: d_model 64, batch 16x256,
     bf16: 1 thread 10-15k tok/s, 2 threads 2-5k tok/s while another process kept one core busy)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     share = max(1, cores // max(1, workers))
     try:
         idle = cores - int(round(os.getloadavg()[0]))
@@ -313,17 +391,36 @@ def auto_threads(workers: int = 1) -> int:
     return max(1, min(share, idle))
 
 
+def auto_workers(n_runs: int) -> int:
+    """One worker per usable core (tiny models gain little from a second thread: a core per run keeps every
+    core busy), never more workers than runs."""
+    return max(1, min(usable_cores(), n_runs))
+
+
+def _priority(runs: list[SweepRun]) -> dict[str, float]:
+    """Longest-first key: a run's FLOPs plus its longest chain of dependants (a stable run's largest branch),
+    so the critical path starts first and the last runs to finish are short ones."""
+    longest_child: dict[str, float] = {}
+    for r in runs:
+        if r.parent:
+            longest_child[r.parent] = max(longest_child.get(r.parent, 0.0), r.cost)
+    return {r.run_id: r.cost + longest_child.get(r.run_id, 0.0) for r in runs}
+
+
 def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, data_path: str | os.PathLike,
-              workers: int = 1, threads: int | None = None, progress: bool = True, retry_failed: bool = False,
+              workers: int | None = None, threads: int | None = None, progress: bool = True, retry_failed: bool = False,
               return_result: bool = False, launcher: str = "local", ray_address: str | None = None,
-              gpus_per_run: float = 0.0):
+              gpus_per_run: float = 0.0, on_result=None):
     """Run every grid point not yet finished; return the path of ``runs.csv`` (or a SweepResult).
 
-    ``workers`` processes (spawn) train in parallel, each with ``threads`` torch threads (default
-    ``auto_threads``: the cores divided by ``workers``, fewer when other processes keep cores busy).
-    ``workers=0`` trains in this process (debugging, tests). ``launcher="ray"`` hands the runs to Ray
-    (``steplab.law.ray_launcher``; ``ray_address`` of an existing cluster, ``gpus_per_run``) with the same
-    worker function, resume rules and tables.
+    ``workers`` processes (spawn) train in parallel (default ``auto_workers``: one per usable core), each with
+    ``threads`` torch threads (default ``auto_threads``: the cores divided by ``workers``, fewer when other
+    processes keep cores busy). Runs start longest-first (critical path first); a wsd branch starts as soon
+    as its stable run has finished, so no worker idles while a run could start. ``workers=0`` trains in this
+    process (debugging, tests). ``launcher="ray"`` hands the runs to Ray (``steplab.law.ray_launcher``;
+    ``ray_address`` of an existing cluster, ``gpus_per_run``) with the same worker function, resume rules and
+    tables (stable runs first, then their branches). ``on_result(rows)`` is called with the finished table rows
+    after each new run (the quickstart prints its running fit there).
     """
     if launcher not in ("local", "ray"):
         raise ConfigError(f"sweep: launcher {launcher!r} is not one of local, ray")
@@ -335,20 +432,28 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
     spec = load_grid(grid)
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
+    for r in runs:
+        if r.parent:
+            r.config["train"]["init_from"] = branch_init(out, r)
     meta, _ = _data_fingerprint(data_path)
     dataset = f"{meta.get('source', '?')}:{Path(data_path).name}"
-    atomic_write_json(out / "sweep.json", {"grid": spec, "data_path": data_path, "dataset": dataset,
-                                           "runs": {r.run_id: {"point": r.point, "config": r.config} for r in runs}})
-    threads = threads or auto_threads(workers)
+    cost = {"flops": sum(r.cost for r in runs), "flops_if_independent": _independent_cost(runs)}
+    atomic_write_json(out / "sweep.json", {"mode": spec["mode"], "grid": spec, "data_path": data_path, "dataset": dataset,
+                                           "cost": cost, "runs": {r.run_id: {"point": r.point, "config": r.config,
+                                                                             "parent": r.parent, "stable": r.stable}
+                                                                  for r in runs}})
 
     result = SweepResult(out / "runs.csv")
     rows: dict[str, dict] = {}
+    done: set[str] = set()
     pending: list[SweepRun] = []
     for r in runs:
         run_dir = out / "runs" / r.run_id
         summary = run_dir / "summary.json"
         if summary.is_file():
-            rows[r.run_id] = _row(r, json.loads(summary.read_text()), dataset)
+            done.add(r.run_id)
+            if not r.stable:
+                rows[r.run_id] = _row(r, json.loads(summary.read_text()), dataset)
             result.skipped.append(r.run_id)
         elif (run_dir / "failed.json").is_file() and not retry_failed:
             result.failed[r.run_id] = json.loads((run_dir / "failed.json").read_text()).get("error", "failed")
@@ -356,49 +461,89 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
             (run_dir / "failed.json").unlink(missing_ok=True)
             pending.append(r)
     _write_tables(out, runs, rows)
+    if workers is None:
+        workers = auto_workers(len(pending))
+    threads = threads or auto_threads(workers)
 
-    # One worker: small runs first, so results arrive early; several: largest first (less idle at the end).
-    pending.sort(key=lambda r: r.cost, reverse=workers > 1)
+    # One worker: small runs first, so results arrive early; several: longest first (less idle at the end).
+    prio = _priority(runs)
+    pending.sort(key=lambda r: prio[r.run_id], reverse=workers > 1)
     bar = tqdm(total=sum(r.cost for r in pending), unit="FLOP", unit_scale=True, disable=not progress or not pending,
-               dynamic_ncols=True, desc=f"sweep {len(rows)}/{len(runs)} runs")
+               dynamic_ncols=True, desc=f"sweep {len(rows)}/{sum(not r.stable for r in runs)} runs")
     if progress:
-        tqdm.write(f"sweep: {len(runs)} runs, {len(rows)} finished already, {len(pending)} to train "
-                   f"({workers or 'in-process'} worker(s) x {threads} thread(s)) -> {out}")
+        tqdm.write(f"sweep ({spec['mode']}): {len(runs)} runs, {len(done)} finished already, {len(pending)} to train "
+                   f"({workers or 'in-process'} worker(s) x {threads} thread(s) on {usable_cores()} usable core(s)) -> {out}")
 
     def record(r: SweepRun, res: dict) -> None:
         run_dir = out / "runs" / r.run_id
         if res["ok"]:
-            rows[r.run_id] = _row(r, res["summary"], dataset)
+            done.add(r.run_id)
+            if not r.stable:
+                rows[r.run_id] = _row(r, res["summary"], dataset)
+                _write_tables(out, runs, rows)
             result.finished.append(r.run_id)
-            _write_tables(out, runs, rows)
             s = res["summary"]
             msg = (f"  {r.run_id}: val loss {s['val_loss']:.4f}, {s['train_seconds']:.0f} s"
-                   + (" (resumed)" if res.get("resumed") else ""))
+                   + (" (stable phase)" if r.stable else "") + (" (resumed)" if res.get("resumed") else ""))
         else:
+            run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "failed.json", {"error": res["error"]})
             result.failed[r.run_id] = res["error"]
             msg = f"  {r.run_id}: FAILED ({res['error']})"
         bar.update(r.cost)
-        bar.set_description(f"sweep {len(rows)}/{len(runs)} runs")
+        bar.set_description(f"sweep {len(rows)}/{sum(not r.stable for r in runs)} runs")
         if progress:
             tqdm.write(msg)
+        if on_result is not None and res["ok"] and not r.stable:
+            on_result([rows[x.run_id] for x in runs if x.run_id in rows])
+
+    def ready() -> list[SweepRun]:
+        """Pending runs whose parent is done; runs whose parent failed fail with it."""
+        out_, keep = [], []
+        for r in pending:
+            if r.parent and r.parent in result.failed:
+                record(r, {"ok": False, "error": f"its stable-phase run {r.parent} failed"})
+            elif r.parent is None or r.parent in done:
+                out_.append(r)
+            else:
+                keep.append(r)
+        pending[:] = keep
+        return out_
 
     try:
-        if launcher == "ray" and pending:
+        if launcher == "ray":
             from steplab.law.ray_launcher import run_with_ray
 
-            run_with_ray([(r, r.config, str(out / "runs" / r.run_id)) for r in pending], _train_one, record,
-                         threads=threads, gpus_per_run=gpus_per_run, address=ray_address)
+            while pending:  # waves: stable runs (and independent runs), then the branches
+                wave = ready()
+                if not wave:
+                    break
+                run_with_ray([(r, r.config, str(out / "runs" / r.run_id)) for r in wave], _train_one, record,
+                             threads=threads, gpus_per_run=gpus_per_run, address=ray_address)
         elif workers <= 0:
-            for r in pending:
-                record(r, _train_one(r.config, str(out / "runs" / r.run_id), threads))
+            while pending:
+                wave = ready()
+                if not wave:
+                    break
+                for r in wave:
+                    record(r, _train_one(r.config, str(out / "runs" / r.run_id), threads))
         elif pending:
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx) as pool:
-                futures = {pool.submit(_train_one, r.config, str(out / "runs" / r.run_id), threads): r for r in pending}
+                queue: list[SweepRun] = []
+                futures: dict[cf.Future, SweepRun] = {}
                 try:
-                    for fut in cf.as_completed(futures):
-                        record(futures[fut], fut.result())
+                    while pending or queue or futures:
+                        queue += ready()
+                        queue.sort(key=lambda r: prio[r.run_id], reverse=workers > 1)
+                        while queue and len(futures) < workers:  # never a free core while a run can start
+                            r = queue.pop(0)
+                            futures[pool.submit(_train_one, r.config, str(out / "runs" / r.run_id), threads)] = r
+                        if not futures:
+                            break
+                        finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                        for fut in finished:
+                            record(futures.pop(fut), fut.result())
                 except BaseException:
                     for f in futures:
                         f.cancel()
@@ -409,6 +554,17 @@ def run_sweep(grid: str | os.PathLike | dict, out_dir: str | os.PathLike, *, dat
         tqdm.write(f"sweep: {len(result.failed)} run(s) failed; their directories hold failed.json "
                    "(pass retry_failed / --retry-failed to try again)")
     return result if return_result else result.table
+
+
+def _independent_cost(runs: list[SweepRun]) -> float:
+    """FLOPs the same table would cost as independent runs (a branch trained from scratch to its D)."""
+    total = 0.0
+    for r in runs:
+        if r.stable:
+            continue
+        steps = r.config["train"]["max_steps"]
+        total += r.cost * steps / (steps - r.branch_step) if r.parent else r.cost
+    return total
 
 
 # Measured on each (re)start, so a run resumed at its end would change them; they stay in summary.json.

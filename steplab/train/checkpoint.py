@@ -78,8 +78,9 @@ def _quiet_dcp(fn, *args, **kwargs):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep_last: int = 2, dist_info=None) -> Path:
-    """Collective under torchrun: every rank writes its shard; rank 0 writes the rest and renames."""
+                    state: dict[str, Any], keep_last: int = 2, dist_info=None, keep_steps=frozenset()) -> Path:
+    """Collective under torchrun: every rank writes its shard; rank 0 writes the rest and renames.
+    ``keep_steps``: checkpoints of these steps are never pruned (nor counted in ``keep_last``)."""
     from steplab.train.distributed import barrier
 
     main = dist_info is None or dist_info.is_main
@@ -108,7 +109,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        rolling = [p for p in list_checkpoints(run_dir) if int(p.name[5:]) not in keep_steps or p == final]
+        for old in rolling[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     barrier(dist_info)
     return final

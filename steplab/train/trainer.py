@@ -63,12 +63,22 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: 
         tmp.rename(run_dir / "tokenizer")
 
 
-def init_weights(model: torch.nn.Module, source: Path) -> None:
-    """Start from another run's latest weights (fresh optimizer, step 0)."""
+def init_checkpoint(source: Path) -> Path:
+    """The checkpoint ``train.init_from`` names: a checkpoint directory itself, or a run directory's latest."""
+    if (source / "state.json").is_file():
+        return source
     init_ckpt = latest_checkpoint(source)
     if init_ckpt is None:
-        raise ConfigError(f"train.init_from={source} has no checkpoint; pass a run directory (e.g. made by `steplab import hf`)")
-    load_weights(init_ckpt, model)
+        raise ConfigError(f"train.init_from={source} has no checkpoint; pass a run directory (e.g. made by `steplab import hf`) "
+                          "or one of its checkpoints/step_* directories")
+    return init_ckpt
+
+
+def ckpt_steps(tc) -> set[int]:
+    try:
+        return {int(s) for s in tc.ckpt_at.replace(" ", "").split(",") if s}
+    except ValueError:
+        raise ConfigError(f"train.ckpt_at={tc.ckpt_at!r}: give comma-separated step numbers, e.g. \"80,160\"") from None
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -99,16 +109,28 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     torch.manual_seed(tc.seed)  # every rank builds the same initial weights
     model = build_model(cfg.model).to(device)
     ckpt = latest_checkpoint(run_dir) if resume else None
+    branch = None  # init_state: (checkpoint, its step); the run continues that run's optimizer and data stream
     if tc.init_from and ckpt is None:
-        init_weights(model, Path(tc.init_from))
+        if tc.init_state:
+            branch = init_checkpoint(Path(tc.init_from))
+        else:
+            load_weights(init_checkpoint(Path(tc.init_from)), model)
+    keep_at = ckpt_steps(tc)
     train_module = wrap_model(model, info, tc.dtype, device_type)
     optimizer = build_optimizer(model, tc, device_type)
     loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
-    start_step, prior_seconds, skipped = 0, 0.0, 0
+    start_step, prior_seconds, skipped, init_step = 0, 0.0, 0, 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         loader.load_state_dict(state["loader"])
         start_step, prior_seconds, skipped = state["step"], state["train_seconds"], state.get("skipped_steps", 0)
+        init_step = state.get("init_step", 0)
+    elif branch is not None:  # this run's seconds and skips count from here; its D counts the parent's tokens
+        state = load_checkpoint(branch, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        start_step = init_step = state["step"]
+        if start_step >= tc.max_steps:
+            raise ConfigError(f"train.init_from={tc.init_from} is at step {start_step}, not before train.max_steps={tc.max_steps}")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None,
                      tensorboard_dir=run_dir / "tb" if tc.tensorboard else None) if info.is_main else None
     step_fn = torch.compile(train_module) if tc.compile else train_module
@@ -179,16 +201,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             log.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-        if (step + 1) % tc.ckpt_every == 0 or done:
+        if (step + 1) % tc.ckpt_every == 0 or done or step + 1 in keep_at:
             save_checkpoint(run_dir, step + 1, model, optimizer, {"loader": loader.state_dict(), "train_seconds": train_seconds,
-                                                                  "skipped_steps": skipped}, keep_last=tc.keep_last, dist_info=info)
+                                                                  "skipped_steps": skipped, "init_step": init_step},
+                            keep_last=tc.keep_last, dist_info=info, keep_steps=keep_at)
     bar.close()
     if not last:  # resumed at the very end: nothing left to train, evaluate once more for the summary
         last = run_eval()
     summary = None
     if log:
         log.close()
-        summary = write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped)
+        summary = write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped, init_step)
     barrier(info)
     if summary is None:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -203,12 +226,14 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return norm.item()
 
 
-def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train_seconds, peak, skipped) -> dict[str, Any]:
+def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train_seconds, peak, skipped,
+                  init_step: int = 0) -> dict[str, Any]:
     records = read_jsonl(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r and not r.get("skipped")]
     tail = losses[-max(1, len(losses) // 10):]
-    D = cfg.train.max_steps * cfg.tokens_per_step
-    tok_s = D / train_seconds if train_seconds > 0 else 0.0
+    D = cfg.train.max_steps * cfg.tokens_per_step  # a branch's D counts its parent's tokens: what the model saw
+    trained = (cfg.train.max_steps - init_step) * cfg.tokens_per_step  # this run's own tokens (= D unless a branch)
+    tok_s = trained / train_seconds if train_seconds > 0 else 0.0
     summary = {
         "run": run_dir.name,
         "N": params["N"], "N_active": params["N_active"], "params_total": params["total"],
@@ -219,7 +244,9 @@ def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train
         "train_loss_smoothed": sum(tail) / len(tail) if tail else float("nan"),
         **last_eval,
         "train_seconds": train_seconds, "tok_per_s": tok_s, "mfu": flops["model"] * tok_s / peak,
-        "peak_flops": peak, "skipped_steps": skipped,
+        "peak_flops": peak, "skipped_steps": skipped, "threads": torch.get_num_threads(),
+        "init_from": cfg.train.init_from, "init_step": init_step, "trained_tokens": trained,
+        "C_trained": flops["6N"] * trained,  # FLOPs this run spent itself (a branch: its decay only)
     }
     atomic_write_json(run_dir / "summary.json", summary)
     plot_loss_curve(records, run_dir / "loss.png", title=f"{run_dir.name}: N={params['N']:,}")
