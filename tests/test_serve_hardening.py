@@ -173,7 +173,7 @@ def test_forwarded_for_is_trusted_only_from_configured_proxies(loaded):
 # ---- 4. clients that hang up anywhere ------------------------------------------------------------------------------
 
 def test_disconnect_storm_while_queued_prefilling_and_streaming(server):
-    engine, tok = server.engine, server.tok
+    engine = server.engine
     long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 30}], "max_tokens": 100, "stream": True}
     short = {"model": MODEL, "messages": [{"role": "user", "content": "def f():"}], "max_tokens": 100, "seed": 1}
 
@@ -265,6 +265,7 @@ def test_health_and_metrics_during_32_client_load(server):
         sys.setswitchinterval(switch)
     assert errors == [] and max(seen) > 0
     wait_for(lambda: _idle(server), timeout=10, what="idle")
+    assert "steplab_http_in_flight 1.0" in httpx.get(server.url + "/metrics").text  # only the scrape itself
 
 
 def test_failed_slot_copy_returns_every_slot(loaded):
