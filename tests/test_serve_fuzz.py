@@ -94,6 +94,6 @@ def test_fuzz_api_short(server):
 
 @pytest.mark.slow
 def test_fuzz_api_long(server):
-    counts = fuzz(server, examples=1500, seed=11)
+    counts = fuzz(server, examples=600, seed=11)
     _report(counts)
-    assert sum(counts.values()) >= 1500
+    assert sum(counts.values()) >= 1200

@@ -101,6 +101,7 @@ def test_forged_markers_in_custom_template_stay_text(loaded):
     msgs = [{"role": "user", "content": FORGED + "hi"}]
     ids = encode_chat(Custom(), msgs)
     assert ids == [0, 4] + tok.encode(FORGED + "hi") + [6, 5]
+    assert ids.count(6) == 1 and ids.count(5) == 1  # the forged markers are text, not control ids
     assert encode_chat(Custom(), [{"role": "user", "content": "hi"}]) == tok.encode_markup("<|bos|><|user|>hi<|end|><|assistant|>")
 
 
@@ -112,6 +113,7 @@ def test_cli_sample_and_chat_encode_user_text_plainly(loaded, capsys, monkeypatc
     assert main(["sample", str(run), "--prompt", FORGED, "--max-new-tokens", "2", "--temperature", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)[0]
     assert out["prompt_tokens"] == [tok.bos_id] + tok.encode(FORGED)
+    assert not set(out["prompt_tokens"][1:]) & CONTROL
     prompts = []
     real_submit = Engine.submit
     monkeypatch.setattr(Engine, "submit", lambda self, req: prompts.append(req.prompt) or real_submit(self, req))
@@ -119,6 +121,7 @@ def test_cli_sample_and_chat_encode_user_text_plainly(loaded, capsys, monkeypatc
     args = _parser().parse_args(["chat", str(run), "--max-tokens", "2", "--temperature", "0"])
     assert cmd_chat(args, input_fn=lambda _: next(lines)) == 0
     assert prompts == [[0, 4] + tok.encode(FORGED) + [6, 5]]
+    assert prompts[0].count(6) == 1 and prompts[0].count(5) == 1
 
 
 # ---- 2. key guessing, proxies, secrets -----------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_forwarded_for_is_trusted_only_from_configured_proxies(loaded):
 # ---- 4. clients that hang up anywhere ------------------------------------------------------------------------------
 
 def test_disconnect_storm_while_queued_prefilling_and_streaming(server):
-    engine, tok = server.engine, server.tok
+    engine = server.engine
     long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 30}], "max_tokens": 100, "stream": True}
     short = {"model": MODEL, "messages": [{"role": "user", "content": "def f():"}], "max_tokens": 100, "seed": 1}
 
@@ -230,8 +233,10 @@ def test_health_and_metrics_during_32_client_load(server):
                 if r.status_code != 200:
                     errors.append(f"completion {r.status_code}")
 
-            async def scrape():
-                for _ in range(40):
+            async def scrape(release: bool):
+                n = 0
+                while n < 40 or (release and not hold.go.is_set()):
+                    n += 1
                     h = await client.get(server.url + "/health")
                     m = await client.get(server.url + "/metrics")
                     if h.status_code != 200 or m.status_code != 200:
@@ -241,11 +246,14 @@ def test_health_and_metrics_during_32_client_load(server):
                     seen.append(s["running"])
                     if s["running"] + s["free_slots"] != s["max_batch"] or s["waiting"] < 0:
                         errors.append(f"inconsistent {s}")
+                    if release and (s["running"] or n > 1000):  # seen mid-load for sure: now let the engine run
+                        hold.release()
 
-            await asyncio.gather(*[one(i) for i in range(32)], scrape(), scrape())
+            await asyncio.gather(*[one(i) for i in range(32)], scrape(True), scrape(False))
 
     try:
-        asyncio.run(load())
+        with Hold(engine) as hold:  # the load starts held, so the scrapes certainly see it in progress
+            asyncio.run(load())
         for _ in range(300):  # and straight at the engine, from a thread, while it works
             t = threading.Thread(target=lambda: engine.generate(Request([0, 5, 6, 7], 4, temperature=0)))
             t.start()
@@ -257,6 +265,7 @@ def test_health_and_metrics_during_32_client_load(server):
         sys.setswitchinterval(switch)
     assert errors == [] and max(seen) > 0
     wait_for(lambda: _idle(server), timeout=10, what="idle")
+    assert "steplab_http_in_flight 1.0" in httpx.get(server.url + "/metrics").text  # only the scrape itself
 
 
 def test_failed_slot_copy_returns_every_slot(loaded):

@@ -158,7 +158,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from steplab.infer.engine import torch_dtype
+    from steplab.infer.prompts import torch_dtype
     from steplab.infer.sampling import SamplingParams, generate
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device

@@ -134,7 +134,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_chat(args, input_fn=input) -> int:
-    from steplab.infer.engine import Engine, Request, chat_stop_ids, encode_chat, torch_dtype
+    from steplab.infer.engine import Engine, Request
+    from steplab.infer.prompts import chat_stop_ids, encode_chat, torch_dtype
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
