@@ -267,10 +267,13 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
+        """A consistent snapshot of the queue, the slots and the counters (taken under the engine's lock)."""
         with self._cond:
             return {"waiting": len(self._waiting), "running": len(self._running) + sum(len(p.seqs) for p in self._prefilling),
-                    "free_slots": len(self._free), "max_batch": self.max_batch}
+                    "free_slots": len(self._free), "max_batch": self.max_batch,
+                    "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
+                    "rejected_total": self.rejected_total, "finished": dict(self.finished_total)}
 
     # -- requests
     def validate(self, request: Request) -> None:
@@ -527,6 +530,14 @@ def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
     else:
         tops = [[] for _ in targets]
     return [Logprob(t, lp, alt) for t, lp, alt in zip(targets, chosen, tops)]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"bf16" | "fp32" (also "bfloat16", "float32") -> the torch dtype."""
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"dtype {name!r} is not one of bf16, fp32")
+    return table[name]
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------

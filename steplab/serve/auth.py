@@ -1,28 +1,33 @@
-"""API keys and per-key rate limits.
+"""API keys, per-key rate limits and the brute-force guard.
 
 Keys come from a file (one key per line; blank lines and ``#`` comments ignored) and/or the environment
 variable ``STEPLAB_API_KEYS`` (keys separated by commas or whitespace). Clients send
 ``Authorization: Bearer KEY``. Authentication is only ever off when the caller says so explicitly
 (``steplab serve --no-auth``, ``create_app(..., api_keys=None)``); an empty key set is an error, not "open".
 
-Rate limits are token buckets, one per key (per client address when auth is off): a bucket holds up to
-``burst`` requests and refills at ``rate`` requests per second; an empty bucket answers 429 with a
-Retry-After of the seconds until the next request is allowed.
+Rate limits use the ``limits`` library (moving windows, in memory): ``"60/minute"``, several at once with
+``;`` (``"60/minute;10/10 seconds"`` caps bursts too). They apply per key (per client address when auth is
+off). Failed authentications are counted per client address (default ``20/minute``): past that, every
+request from the address gets 429 with Retry-After *before its key is looked at*, so guessing cannot go on
+at full speed and a blocked guesser learns nothing about its guesses. The key itself is never stored,
+logged or exported: limiter buckets are named by a hash of it.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 from steplab.errors import ConfigError
 
 ENV_VAR = "STEPLAB_API_KEYS"
-_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+AUTH_FAILURE_LIMIT = "20/minute"
+_UNITS = {"s": "second", "sec": "second", "secs": "second", "seconds": "second", "m": "minute", "min": "minute",
+          "mins": "minute", "minutes": "minute", "h": "hour", "hr": "hour", "hours": "hour", "d": "day", "days": "day"}
 
 
 def load_api_keys(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> set[str]:
@@ -43,16 +48,19 @@ def load_api_keys(path: str | os.PathLike | None = None, environ: dict[str, str]
     return keys
 
 
-def parse_rate(text: str) -> tuple[float, float]:
-    """``"60/min"`` -> (1.0 request/s, burst 60); ``"5/s"``, ``"1000/hour"``; ``"60/min,burst=10"`` sets the burst."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*/\s*([a-z]+)\s*(?:,\s*burst\s*=\s*([0-9]+)\s*)?", text.lower())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"rate limit {text!r} is not of the form N/s, N/min or N/hour (optionally ',burst=B'), e.g. 60/min")
-    count, seconds = float(m.group(1)), _UNITS[m.group(2)]
-    burst = float(m.group(3)) if m.group(3) else max(1.0, count)
-    if burst < 1:
-        raise ConfigError(f"rate limit {text!r}: burst must be at least 1")
-    return count / seconds, burst
+def parse_rate(text: str) -> list:
+    """``"60/min"`` -> [limits item 60 per 1 minute]; ``"60/minute;10/10 seconds"`` -> two items (both apply)."""
+    from limits import parse_many
+
+    parts = []
+    for part in re.split(r"[;,]", text):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:/|per)\s*(\d+\s*)?([a-z]+)\s*", part.lower())
+        if not m or _UNITS.get(m.group(3), m.group(3)).rstrip("s") not in ("second", "minute", "hour", "day") or int(m.group(1)) < 1:
+            raise ConfigError(f"rate limit {text!r} is not of the form N/second, N/minute, N/hour or N/day (several joined "
+                              f"with ';', e.g. '60/minute;10/10 seconds')")
+        unit = _UNITS.get(m.group(3), m.group(3)).rstrip("s")
+        parts.append(f"{m.group(1)}/{(m.group(2) or '').strip() + ' ' if m.group(2) else ''}{unit}")
+    return parse_many(";".join(parts))
 
 
 class KeyChecker:
@@ -62,43 +70,72 @@ class KeyChecker:
         if not keys:
             raise ConfigError(f"no API keys configured: pass --api-keys-file FILE or set {ENV_VAR}, "
                               "or disable authentication explicitly with --no-auth")
-        self._keys = [k.encode() for k in keys]
+        # compare digests of equal length, so the comparison time does not depend on the key's length either
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    @staticmethod
+    def token(authorization: str | None) -> tuple[str | None, str]:
+        """(the presented key, "") or (None, why it is malformed)."""
+        if not authorization:
+            return None, "missing API key: send it as the header 'Authorization: Bearer YOUR_KEY'"
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, "malformed Authorization header: expected 'Authorization: Bearer YOUR_KEY'"
+        return token.strip(), ""
 
     def check(self, authorization: str | None) -> tuple[bool, str]:
         """(ok, reason); the reason is a message for a 401."""
-        if not authorization:
-            return False, "missing API key: send it as the header 'Authorization: Bearer YOUR_KEY'"
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return False, "malformed Authorization header: expected 'Authorization: Bearer YOUR_KEY'"
-        presented = token.strip().encode()
+        token, reason = self.token(authorization)
+        if token is None:
+            return False, reason
+        presented = hashlib.sha256(token.encode()).digest()
         ok = False
-        for key in self._keys:  # compare against every key so timing does not reveal which one was close
-            ok |= hmac.compare_digest(presented, key)
+        for digest in self._digests:  # compare against every key so timing does not reveal which one was close
+            ok |= hmac.compare_digest(presented, digest)
         return (True, "") if ok else (False, "incorrect API key provided")
 
 
+def bucket_name(key: str) -> str:
+    """A limiter bucket for a key that does not hold the key itself."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 class RateLimiter:
-    """Token buckets keyed by API key (or client address); thread-safe."""
+    """Moving-window limits (``limits``) per bucket name; thread-safe, in memory."""
 
-    def __init__(self, rate: float, burst: float, clock=time.monotonic):
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
-        self._lock = threading.Lock()
+    def __init__(self, items: list | str, clock=time.time):
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
 
-    def acquire(self, key: str) -> float:
-        """0.0 when the request may go ahead (one token taken), else the seconds to wait before retrying."""
-        now = self._clock()
-        with self._lock:
-            if len(self._buckets) > 10_000:  # forget refilled buckets so many distinct clients cannot grow memory
-                self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
-            tokens, last = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+        self.items = parse_rate(items) if isinstance(items, str) else list(items)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._clock = clock
+
+    def describe(self) -> str:
+        return "; ".join(str(item) for item in self.items)
+
+    def acquire(self, bucket: str) -> float:
+        """0.0 when the request may go ahead (counted), else the seconds to wait before retrying."""
+        for item in self.items:
+            if not self._limiter.test(item, bucket):
+                return self.wait(item, bucket)
+        for item in self.items:
+            self._limiter.hit(item, bucket)
+        return 0.0
+
+    def blocked(self, bucket: str) -> float:
+        """Seconds ``bucket`` must wait (0.0 when it is under every limit); counts nothing."""
+        for item in self.items:
+            if not self._limiter.test(item, bucket):
+                return self.wait(item, bucket)
+        return 0.0
+
+    def hit(self, bucket: str) -> None:
+        for item in self.items:
+            self._limiter.hit(item, bucket)
+
+    def wait(self, item, bucket: str) -> float:
+        return max(0.001, self._limiter.get_window_stats(item, bucket).reset_time - self._clock())
 
     @staticmethod
     def retry_after(wait: float) -> str:

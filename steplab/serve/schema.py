@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and ignored, as OpenAI clients send many optional ones (``user``, ``store``,
 ``metadata``...). Fields we cannot honour (tools, logit_bias, echo, suffix, best_of > n) are rejected with a
-400 by ``unsupported()`` rather than silently ignored. Responses are built as plain dicts in app.py: that is
+400 by ``unsupported()`` rather than silently ignored. Responses are built as plain dicts in responses.py: that is
 cheaper on the streaming path than validating every chunk.
 """
 from __future__ import annotations
@@ -99,3 +99,20 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and len(v) == 0:
             raise ValueError("prompt must not be empty")
         return v
+
+
+# ---- OpenAPI: the bodies are parsed by hand (key first, 400 not 422), so the schema is declared here ----------
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route whose JSON body is ``model``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def openapi_components() -> dict:
+    """components.schemas for every request body (and the models they use)."""
+    out: dict = {}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out

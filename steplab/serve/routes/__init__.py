@@ -1,0 +1,1 @@
+"""One module per API: health.py (/, /health, /metrics), models.py, completions.py, chat.py."""

@@ -1,0 +1,27 @@
+"""``POST /v1/chat/completions``: messages under the tokenizer's chat template; message text is data, never markers."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request as HTTPRequest
+
+from steplab.infer.engine import chat_stop_ids, encode_chat
+from steplab.serve.common import engine_for, guard, parse, submit
+from steplab.serve.errors import APIError
+from steplab.serve.responses import respond
+from steplab.serve.schema import ChatCompletionRequest, openapi_body
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", summary="Create a chat completion", openapi_extra=openapi_body(ChatCompletionRequest))
+async def chat_completions(request: HTTPRequest):
+    guard(request)
+    body = await parse(request, ChatCompletionRequest)
+    engine = engine_for(request, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = encode_chat(engine.tokenizer, messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    handle = submit(engine, body, prompt, chat_stop_ids(engine.tokenizer), logprobs, "messages")
+    return await respond(request, "chat", body, handle)
