@@ -12,6 +12,7 @@ over ``/v1/completions``.
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (the built-in models first: the registry loads them only while it is empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -119,13 +120,20 @@ def run_lm_eval(run: str, tasks: list[str], include_path: str | None = None, *, 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from steplab.errors import StepLabError
+
+    manager = None
+    if include_path:  # indexing the harness's own ~10k task YAMLs takes a minute: skip it when the folder has them all
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not all(manager.match_tasks([t]) for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:  # before the model loads: a typo fails in a second
+        raise StepLabError(f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks`"
+                           + ("" if include_path else " or pass --include-path DIR for your own task YAMLs"))
     model = SteplabLM(run=run, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length, lm=lm)
     try:
-        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-        unknown = [t for t in tasks if not manager.match_tasks([t])]
-        if unknown:
-            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; list them with `lm_eval ls tasks`"
-                             + ("" if include_path else " or pass --include-path DIR for your own task YAMLs"))
         return simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     finally:
         if lm is None:

@@ -25,7 +25,9 @@ def task_names() -> list[str]:
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(task_names())}")
+        from steplab.errors import StepLabError
+
+        raise StepLabError(f"unknown task {name!r}; available: {', '.join(task_names())}")
     module, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(module), cls)()
 
