@@ -23,8 +23,9 @@ class CompleteLine(Task):
     def candidates(self, seed: int) -> Iterator[Item]:
         for doc in stdlib_documents():
             lines = doc.split("\n")
-            ok = [i for i in range(8, len(lines)) if 6 <= len(lines[i].strip()) <= 60
-                  and not lines[i].lstrip().startswith("#") and context_before(lines, i).count("\n") >= 4]
+            ok = [i for i in range(8, len(lines)) if 6 <= len(lines[i].strip()) <= 60 and not lines[i].lstrip().startswith("#")]
             rng = random.Random(f"{seed}:{doc[:200]}")
             for i in sorted(rng.sample(ok, min(PER_DOCUMENT, len(ok)))):
-                yield Item(prompt=context_before(lines, i), answer=lines[i], key=doc)
+                context = context_before(lines, i)
+                if context.count("\n") >= 4:  # enough code before the line to go on
+                    yield Item(prompt=context, answer=lines[i], key=doc)
