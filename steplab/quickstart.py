@@ -169,6 +169,7 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
         report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
+    _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
 
     wall = time.time() - t0
     print("\n== result ==")
@@ -190,6 +191,24 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     print(f"report {report}")
     return {**summary, "predicted_loss": predicted, "predicted_ci": ci, "rel_err": err, "wall_seconds": wall,
             "sweep_seconds": t_sweep, "big_seconds": t_big, "report": str(report)}
+
+
+def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool) -> None:
+    """The downstream suite (steplab.eval, issue 14): scores of the sweep and the planned run, each task's
+    prediction from the sweep next to the measurement, appended to the report."""
+    from steplab.eval.taskfit import suite_over_sweep
+    from steplab.utils import atomic_write_text
+
+    print("      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all)")
+    runs = sorted(d for d in (sweep_dir / "runs").iterdir() if (d / "summary.json").is_file())
+    with _quiet_numpy():
+        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress)
+    print(md)
+    report = Path(report)
+    if report.suffix == ".md" and report.is_file():
+        text = report.read_text()
+        cut = text.find("\n## Downstream suite")
+        atomic_write_text(report, (text if cut < 0 else text[:cut]).rstrip() + "\n\n" + md)
 
 
 @contextlib.contextmanager

@@ -150,3 +150,27 @@ def save_prediction(out_dir: str | Path, points: list[dict], fits: dict, measure
     md = out / "task_prediction.md"
     atomic_write_text(md, report_markdown(fits, measured) + "\n![task-level prediction](task_prediction.png)\n")
     return md
+
+
+def suite_over_sweep(sweep_runs: list[Path], target_run: Path, out_dir: str | Path, *, suite: str = "small",
+                     sweep_scale: float = 0.2, device: str = "cpu", progress: bool = True) -> str:
+    """Score the suite on every sweep run (``sweep_scale`` of the items: a quick look) and on the target run (all
+    items), fit each task vs compute, predict the target, and return the Markdown (suite table + prediction).
+    Saved results are reused, so a resumed quickstart does not score a run twice."""
+    from steplab.eval.runner import EngineLM
+    from steplab.eval.suite import load_suite, run_suite, save_suite, suite_markdown
+
+    for d, scale in [(Path(d), sweep_scale) for d in sweep_runs] + [(Path(target_run), 1.0)]:
+        if load_suite(d, suite) is None:
+            with EngineLM.from_run(d, device=device) as lm:
+                save_suite(d, run_suite(lm, suite, scale=scale))
+            if progress:
+                print(f"      suite {suite}: scored {d.name}")
+    points = sweep_points([Path(d) for d in sweep_runs], suite)
+    target = load_suite(target_run, suite)
+    target_C = json.loads((Path(target_run) / "summary.json").read_text())["C_6ND"]
+    measured = {r["task"]: r for r in target["results"]}
+    fits = fit_sweep(points, target_C)
+    save_prediction(out_dir, points, fits, measured)
+    return (suite_markdown(target, f"Downstream suite ({suite}) of the planned run") + "\n"
+            + report_markdown(fits, measured) + "\n![task-level prediction](task_prediction.png)\n")
