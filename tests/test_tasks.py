@@ -28,7 +28,7 @@ class Sums(Task):
 def test_registry_and_unknown_task():
     from steplab.errors import StepLabError
 
-    assert {"next_line", "docstring", "complete_line"} <= set(task_names()) == set(TASKS)
+    assert {"next_line", "docstring", "complete_line", "line_order"} <= set(task_names()) == set(TASKS)
     with pytest.raises(StepLabError, match="unknown task 'nope'.*next_line"):
         get_task("nope")
 
@@ -51,7 +51,7 @@ def test_choice_item_places_the_answer_at_a_seeded_position():
     assert it.choices[it.label] == "yes" and sorted(it.choices) == ["a", "b", "c", "yes"]
 
 
-@pytest.mark.parametrize("name", ["next_line", "docstring", "complete_line"])
+@pytest.mark.parametrize("name", ["next_line", "docstring", "complete_line", "line_order"])
 def test_stdlib_tasks_hold_out_whole_documents_of_the_prepared_corpus(name):
     from steplab.data.sources import split_of
 
@@ -63,7 +63,10 @@ def test_stdlib_tasks_hold_out_whole_documents_of_the_prepared_corpus(name):
     train = t.items("train", 200, seed=0)
     assert all(split_of(i.key, 0.05, 0) == "train" for i in train)
     assert not {i.prompt for i in test} & {i.prompt for i in train}
-    if t.kind == "choice":
+    if name == "line_order":  # a minimal pair: the same bytes in another word order
+        assert t.chance == 0.5
+        assert all(len(set(i.choices)) == 2 and sorted(i.choices[0]) == sorted(i.choices[1]) for i in test)
+    elif t.kind == "choice":
         assert t.chance == 0.25
         for i in test:
             assert len(i.choices) == 4 == len(set(i.choices)) and i.choices[i.label] == i.answer

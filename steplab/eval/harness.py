@@ -1,7 +1,8 @@
 """lm-evaluation-harness in process: a steplab run as an ``lm_eval`` model, scored on the serving engine.
 
     steplab eval runs/NAME --lm-eval arc_easy,hellaswag [--include-path DIR]
-    lm_eval --model steplab --model_args run=runs/NAME --tasks ...      # once the model is registered
+    python -m steplab.eval.lm_eval_cli --model steplab --model_args run=runs/NAME --tasks ...   # lm_eval's own CLI
+    lm_eval --model steplab --model_args run=runs/NAME --tasks ...      # harness versions with entry-point plugins
 
 Importing this module registers the model under the name ``steplab`` (``lm_eval.api.registry``); the
 package also declares it as the entry point ``steplab`` in the ``lm_eval.models`` group, for harness versions
@@ -33,8 +34,8 @@ class SteplabLM(TemplateLM):
         if lm is None:
             if not run:
                 raise ValueError("the steplab model needs run=RUN_DIR (e.g. --model_args run=runs/NAME)")
-            bs = 16 if str(batch_size).startswith("auto") else int(batch_size)
-            lm = EngineLM.from_run(run, device=device, dtype=dtype, max_batch=max(1, bs))
+            bs = 16 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+            lm = EngineLM.from_run(run, device=device or "auto", dtype=dtype, max_batch=max(1, bs))
         self.lm = lm
         self.tok = lm.tokenizer
         self._max_gen_toks = int(max_gen_toks)
@@ -138,3 +139,4 @@ def run_lm_eval(run: str, tasks: list[str], include_path: str | None = None, *, 
     finally:
         if lm is None:
             model.lm.close()
+

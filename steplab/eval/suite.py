@@ -1,7 +1,8 @@
 """The downstream suite: tasks that need no download, each with its chance level, as a table in the run.
 
 ``small``: three code tasks from the Python standard library, held out from the quickstart's training data
-(which line follows a ``def``, which docstring belongs to a function, complete the next line), plus the
+(the real line or the same line with two words swapped, which line follows a ``def``, which docstring
+belongs to a function, complete the next line), plus the
 standard sets in ``../shared/data`` when present (WikiText-2 and TinyStories next-sentence choice, GSM8K);
 the result says which of those were found and which were skipped.
 """
@@ -17,7 +18,7 @@ from steplab.utils import atomic_write_json, atomic_write_text
 
 # (task, items): None = the whole held-out split
 SUITES: dict[str, list[tuple[str, int | None]]] = {
-    "small": [("next_line", 500), ("docstring", None), ("complete_line", 500),
+    "small": [("line_order", 500), ("next_line", 500), ("docstring", None), ("complete_line", 500),
               ("wikitext2_next", 500), ("tinystories_next", 500), ("gsm8k", 100)],
 }
 SHARED_TASKS = {"wikitext2_next": "WikiText-2", "tinystories_next": "TinyStories", "gsm8k": "GSM8K"}

@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "next_line": "steplab.tasks.next_line:NextLine",
     "docstring": "steplab.tasks.docstring:Docstring",
     "complete_line": "steplab.tasks.complete_line:CompleteLine",
+    "line_order": "steplab.tasks.line_order:LineOrder",
     "wikitext2_next": "steplab.tasks.text_next:WikiTextNext",
     "tinystories_next": "steplab.tasks.text_next:TinyStoriesNext",
     "gsm8k": "steplab.tasks.gsm8k:GSM8K",
