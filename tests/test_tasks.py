@@ -152,6 +152,13 @@ def test_suite_table_and_saved_result(lm, tmp_path, monkeypatch):
     assert suite_mod.load_suite(tmp_path / "run", "tiny")["results"] == res["results"]
     with pytest.raises(ValueError, match="unknown suite"):
         suite_mod.run_suite(lm, "huge")
+    # a grown suite scores only its new task and keeps the saved results
+    monkeypatch.setitem(suite_mod.SUITES, "tiny", [("next_line", 20), ("complete_line", 20), ("line_order", 20)])
+    scored = []
+    real = suite_mod.run_task
+    monkeypatch.setattr(suite_mod, "run_task", lambda lm_, task, *a: scored.append(task.name) or real(lm_, task, *a))
+    grown = suite_mod.run_suite(lm, "tiny", previous=res)
+    assert scored == ["line_order"] and grown["results"][:2] == res["results"]
 
 
 def test_task_fit_recovers_a_logistic_and_refuses_chance_noise(tmp_path):

@@ -30,10 +30,16 @@ def suite_tasks(name: str) -> list[tuple[str, int | None]]:
     return SUITES[name]
 
 
-def run_suite(lm: EngineLM, name: str = "small", *, scale: float = 1.0, seed: int = 0, progress=None) -> dict:
-    """Every task of the suite on ``lm``; ``scale`` < 1 shrinks the item counts (quick looks at a sweep)."""
+def run_suite(lm: EngineLM, name: str = "small", *, scale: float = 1.0, seed: int = 0, progress=None,
+              previous: dict | None = None) -> dict:
+    """Every task of the suite on ``lm``; ``scale`` < 1 shrinks the item counts (quick looks at a sweep).
+    Results in ``previous`` (an earlier run of this suite with the same seed) are kept, not recomputed."""
     results, skipped = [], []
+    kept = {r["task"]: r for r in previous["results"]} if previous and previous.get("seed") == seed else {}
     for task_name, n in suite_tasks(name):
+        if task_name in kept:
+            results.append(kept[task_name])
+            continue
         task = get_task(task_name)
         reason = task.unavailable()
         if reason:

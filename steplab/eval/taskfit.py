@@ -99,8 +99,8 @@ def plot_sweep(points: list[dict], fits: dict, path: str | Path, measured: dict 
         pts = sorted((p for p in points if t in p["results"]), key=lambda p: p["C"])
         C = np.array([p["C"] for p in pts])
         acc = np.array([p["results"][t]["accuracy"] for p in pts])
-        lo = acc - np.array([p["results"][t]["ci_low"] for p in pts])
-        hi = np.array([p["results"][t]["ci_high"] for p in pts]) - acc
+        lo = np.maximum(0, acc - np.array([p["results"][t]["ci_low"] for p in pts]))
+        hi = np.maximum(0, np.array([p["results"][t]["ci_high"] for p in pts]) - acc)
         ax.errorbar(C, acc, yerr=[lo, hi], fmt="o", ms=4, capsize=2, label="sweep")
         f = fits[t]
         ax.axhline(f["chance"], color="gray", ls=":", label="chance")
@@ -112,7 +112,7 @@ def plot_sweep(points: list[dict], fits: dict, path: str | Path, measured: dict 
             ax.plot([f["target_C"]], [f["predicted"]], "s", color="C2", label="predicted")
         if measured and t in measured:
             m = measured[t]
-            ax.errorbar([f.get("target_C") or cmax], [m["accuracy"]], yerr=[[m["accuracy"] - m["ci_low"]], [m["ci_high"] - m["accuracy"]]],
+            ax.errorbar([f.get("target_C") or cmax], [m["accuracy"]], yerr=[[max(0, m["accuracy"] - m["ci_low"])], [max(0, m["ci_high"] - m["accuracy"])]],
                         fmt="*", ms=9, color="C3", capsize=2, label="measured")
         ax.set_xscale("log")
         ax.set_title(t)
@@ -158,12 +158,14 @@ def suite_over_sweep(sweep_runs: list[Path], target_run: Path, out_dir: str | Pa
     items), fit each task vs compute, predict the target, and return the Markdown (suite table + prediction).
     Saved results are reused, so a resumed quickstart does not score a run twice."""
     from steplab.eval.runner import EngineLM
-    from steplab.eval.suite import load_suite, run_suite, save_suite, suite_markdown
+    from steplab.eval.suite import load_suite, run_suite, save_suite, suite_markdown, suite_tasks
 
     for d, scale in [(Path(d), sweep_scale) for d in sweep_runs] + [(Path(target_run), 1.0)]:
-        if load_suite(d, suite) is None:
+        old = load_suite(d, suite)
+        done = {r["task"] for r in old["results"]} | {s["task"] for s in old["skipped"]} if old else set()
+        if old is None or any(t not in done for t, _ in suite_tasks(suite)):  # new or grown suite: score what is missing
             with EngineLM.from_run(d, device=device) as lm:
-                save_suite(d, run_suite(lm, suite, scale=scale))
+                save_suite(d, run_suite(lm, suite, scale=scale, previous=old))
             if progress:
                 print(f"      suite {suite}: scored {d.name}")
     points = sweep_points([Path(d) for d in sweep_runs], suite)
