@@ -3,7 +3,6 @@ official openai client, and lm-evaluation-harness over HTTP (local-completions) 
 model): the same accuracy on the same local task (tests/lm_eval_tasks, no download), dense and MoE, fp32."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

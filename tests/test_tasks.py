@@ -146,7 +146,12 @@ def test_suite_table_and_saved_result(lm, tmp_path, monkeypatch):
     res = suite_mod.run_suite(lm, "tiny")
     assert [r["task"] for r in res["results"]] == ["next_line", "complete_line"]
     assert res["skipped"][0]["task"] == "gsm8k" and "not found" in res["skipped"][0]["reason"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.md").write_text("# run\n\n## Loss\n\nx\n")
     md = suite_mod.save_suite(tmp_path / "run", res)
+    suite_mod.save_suite(tmp_path / "run", res)  # a rerun replaces the report's section
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.startswith("# run\n\n## Loss") and report.count("## Downstream suite: tiny") == 1
     text = md.read_text()
     assert "| next_line | choice | 20 |" in text and "| 25% |" in text and "Skipped gsm8k" in text
     assert suite_mod.load_suite(tmp_path / "run", "tiny")["results"] == res["results"]

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs (local tasks)")
     p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
     p.add_argument("-n", "--items", type=int, default=500, help="--task: held-out items per task (default 500)")
-    p.add_argument("--scale", type=float, default=1.0, help="--suite: scale the item counts (e.g. 0.4 for a sweep)")
+    p.add_argument("--scale", type=float, help="--suite: scale the item counts (default 1; 0.2 for the runs of a sweep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", help="sweep mode: a run whose suite score is predicted from the sweep and measured")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
             if args.suite:
                 from steplab.eval.suite import run_suite, save_suite, suite_markdown
 
-                res = run_suite(lm, args.suite, scale=args.scale, seed=args.seed)
+                res = run_suite(lm, args.suite, scale=args.scale or 1.0, seed=args.seed)
                 md = save_suite(args.run, res)
                 print(suite_markdown(res))
                 print(f"wrote {md}")
@@ -79,26 +79,14 @@ def cmd_eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    from steplab.eval.runner import EngineLM
-    from steplab.eval.suite import load_suite, run_suite, save_suite
-    from steplab.eval.taskfit import fit_sweep, save_prediction, sweep_points
+    from steplab.eval.taskfit import suite_over_sweep
 
     sweep = Path(args.run)
     dirs = sorted(d for d in (sweep / "runs").iterdir() if (d / "summary.json").is_file())
-    for d in dirs + ([Path(args.target)] if args.target else []):
-        if load_suite(d, args.suite) is None:
-            with EngineLM.from_run(d, device=args.device, dtype=args.dtype) as lm:
-                save_suite(d, run_suite(lm, args.suite, scale=args.scale, seed=args.seed))
-            print(f"scored {d}")
-    points = sweep_points(dirs, args.suite)
-    target_C, measured = None, None
-    if args.target:
-        target_C = json.loads((Path(args.target) / "summary.json").read_text())["C_6ND"]
-        measured = {r["task"]: r for r in load_suite(args.target, args.suite)["results"]}
-    fits = fit_sweep(points, target_C)
-    md = save_prediction(sweep, points, fits, measured)
-    print(md.read_text())
-    print(f"wrote {md}")
+    md = suite_over_sweep(dirs, Path(args.target) if args.target else None, sweep, suite=args.suite, sweep_scale=args.scale or 0.2,
+                          device=args.device, dtype=args.dtype, seed=args.seed)
+    print(md)
+    print(f"wrote {sweep / 'task_prediction.md'}")
     return 0
 
 

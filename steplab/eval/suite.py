@@ -74,11 +74,22 @@ def suite_markdown(result: dict, title: str | None = None) -> str:
 
 
 def save_suite(run_dir: str | Path, result: dict) -> Path:
-    """``RUN/eval/suite_NAME.json`` and ``.md`` (atomic writes); returns the Markdown path."""
+    """``RUN/eval/suite_NAME.json`` and ``.md`` (atomic writes), and the table in the run's ``report.md`` (its
+    section replaced on a rerun); returns the Markdown path."""
     out = Path(run_dir) / "eval"
     atomic_write_json(out / f"suite_{result['suite']}.json", result)
     md = out / f"suite_{result['suite']}.md"
-    atomic_write_text(md, suite_markdown(result))
+    table = suite_markdown(result)
+    atomic_write_text(md, table)
+    report = Path(run_dir) / "report.md"
+    if report.is_file():
+        text = report.read_text()
+        heading = table.splitlines()[0]
+        start = text.find(heading)
+        if start >= 0:
+            end = text.find("\n## ", start + len(heading))
+            text = text[:start] + (text[end + 1:] if end >= 0 else "")
+        atomic_write_text(report, text.rstrip() + "\n\n" + table)
     return md
 
 

@@ -152,27 +152,31 @@ def save_prediction(out_dir: str | Path, points: list[dict], fits: dict, measure
     return md
 
 
-def suite_over_sweep(sweep_runs: list[Path], target_run: Path, out_dir: str | Path, *, suite: str = "small",
-                     sweep_scale: float = 0.2, device: str = "cpu", progress: bool = True) -> str:
+def suite_over_sweep(sweep_runs: list[Path], target_run: Path | None, out_dir: str | Path, *, suite: str = "small",
+                     sweep_scale: float = 0.2, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
+                     progress: bool = True) -> str:
     """Score the suite on every sweep run (``sweep_scale`` of the items: a quick look) and on the target run (all
     items), fit each task vs compute, predict the target, and return the Markdown (suite table + prediction).
-    Saved results are reused, so a resumed quickstart does not score a run twice."""
+    Saved results are reused (a grown suite scores only its new tasks), so a rerun does not score a run twice."""
     from steplab.eval.runner import EngineLM
     from steplab.eval.suite import load_suite, run_suite, save_suite, suite_markdown, suite_tasks
 
-    for d, scale in [(Path(d), sweep_scale) for d in sweep_runs] + [(Path(target_run), 1.0)]:
+    todo = [(Path(d), sweep_scale) for d in sweep_runs] + ([(Path(target_run), 1.0)] if target_run else [])
+    for d, scale in todo:
         old = load_suite(d, suite)
         done = {r["task"] for r in old["results"]} | {s["task"] for s in old["skipped"]} if old else set()
-        if old is None or any(t not in done for t, _ in suite_tasks(suite)):  # new or grown suite: score what is missing
-            with EngineLM.from_run(d, device=device) as lm:
-                save_suite(d, run_suite(lm, suite, scale=scale, previous=old))
+        if old is None or any(t not in done for t, _ in suite_tasks(suite)):
+            with EngineLM.from_run(d, device=device, dtype=dtype) as lm:
+                save_suite(d, run_suite(lm, suite, scale=scale, seed=seed, previous=old))
             if progress:
                 print(f"      suite {suite}: scored {d.name}")
     points = sweep_points([Path(d) for d in sweep_runs], suite)
-    target = load_suite(target_run, suite)
-    target_C = json.loads((Path(target_run) / "summary.json").read_text())["C_6ND"]
-    measured = {r["task"]: r for r in target["results"]}
+    target_C, measured, head = None, None, ""
+    if target_run:
+        target = load_suite(target_run, suite)
+        target_C = json.loads((Path(target_run) / "summary.json").read_text())["C_6ND"]
+        measured = {r["task"]: r for r in target["results"]}
+        head = suite_markdown(target, f"Downstream suite ({suite}) of the planned run") + "\n"
     fits = fit_sweep(points, target_C)
     save_prediction(out_dir, points, fits, measured)
-    return (suite_markdown(target, f"Downstream suite ({suite}) of the planned run") + "\n"
-            + report_markdown(fits, measured) + "\n![task-level prediction](task_prediction.png)\n")
+    return head + report_markdown(fits, measured) + "\n![task-level prediction](task_prediction.png)\n"
