@@ -1,7 +1,7 @@
 """Serving under load: concurrent streaming clients against `steplab serve` on loopback.
 
-    python bench/serve_load.py [--run RUN] [--clients 32] [--seconds 60] [--max-tokens 64] [--max-batch 32]
-                               [--sequential-seconds 20] [--warmup 10] [--json OUT.json]
+    python bench/serve_load.py [--run RUN | --random-preset step1-mini] [--clients 32] [--seconds 60] [--max-tokens 64]
+                               [--max-batch 32] [--sequential-seconds 20] [--warmup 10] [--dtype bf16|fp32] [--json OUT.json]
 
 The server runs in its own process (as a user would run it, API key on), the clients in this one (asyncio +
 httpx, each a loop of streaming chat completions with ``stream_options.include_usage`` so output tokens are
@@ -13,8 +13,11 @@ the server's own count). Two phases over the same request mix (prompts and seeds
 Reported: failures (any non-200, error chunk, missing ``[DONE]`` or exception; must be 0), output tokens/s of
 both phases and their ratio (target >= 4x), time to first token p50/p99 (request sent -> first content
 chunk), and the server's RSS after ``--warmup`` seconds of the concurrent phase vs at its end (growth < 10%).
-Without ``--run`` a step1-nano model is trained for a minute first (the numbers are about the serving stack,
-not the model).
+Without ``--run`` a step1-nano model (0.85M) is trained for a minute first (the numbers are about the serving
+stack, not the model). ``--random-preset step1-mini`` serves an *untrained, randomly initialised* model of that
+preset instead (25.7M; speed does not depend on the weights' values, and a random model rarely samples a stop
+token, so replies run to about ``--max-tokens``): on a model whose step is mostly matrix work rather than Python overhead
+the batching gain is different, and both are worth knowing.
 """
 from __future__ import annotations
 
@@ -35,14 +38,32 @@ PROMPTS = [
 KEY = "bench-key-0123456789"
 
 
-def serve(run: str, port: int, max_batch: int, max_queue: int) -> None:
+def random_model(preset_name: str, max_len: int):
+    """(model, tokenizer): a byte-level BPE tokenizer trained on 1 MB of the stdlib corpus and an untrained model."""
+    import dataclasses
+
+    import torch
+
+    from steplab.config import preset
+    from steplab.data.sources import iter_documents
+    from steplab.data.tokenizer import train_tokenizer
+    from steplab.models import build_model
+
+    tok = train_tokenizer(iter_documents("stdlib", max_bytes=1_000_000), 4096)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset(preset_name).model, vocab_size=tok.vocab_size, max_seq_len=max_len)
+    return build_model(cfg).eval(), tok
+
+
+def serve(run: str, port: int, max_batch: int, max_queue: int, dtype: str) -> None:
     """The server process."""
     import uvicorn
 
     from steplab.serve.app import create_app
 
-    app = create_app({"bench": run}, api_keys={KEY}, max_batch=max_batch, max_queue=max_queue)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    spec = random_model(run.split(":", 1)[1], 256) if run.startswith("random:") else run
+    app = create_app({"bench": spec}, api_keys={KEY}, max_batch=max_batch, max_queue=max_queue, dtype=dtype)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", proxy_headers=False)
 
 
 def train_tiny(out: Path) -> Path:
@@ -148,6 +169,8 @@ async def phase(base: str, clients: int, seconds: float, max_tokens: int, start_
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run directory to serve (default: train a step1-nano model first)")
+    ap.add_argument("--random-preset", help="serve an untrained, randomly initialised model of this preset, e.g. step1-mini")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and KV cache (steplab serve's default: bf16)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--sequential-seconds", type=float, default=20)
@@ -160,12 +183,12 @@ def main() -> int:
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the server process
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.max_batch, args.max_queue)
+        serve(args.serve, args.port, args.max_batch, args.max_queue, args.dtype)
         return 0
 
     import httpx
 
-    run = args.run
+    run = args.run or (f"random:{args.random_preset}" if args.random_preset else None)
     if run is None:
         tmp = Path(tempfile.mkdtemp(prefix="steplab-serve-bench-"))
         print(f"training a step1-nano model in {tmp} ...", flush=True)
@@ -178,7 +201,7 @@ def main() -> int:
             args.port = s.getsockname()[1]
     base = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen([sys.executable, __file__, "--serve", run, "--port", str(args.port), "--max-batch", str(args.max_batch),
-                               "--max-queue", str(args.max_queue)])
+                               "--max-queue", str(args.max_queue), "--dtype", args.dtype])
     try:
         deadline = time.time() + 120
         while True:
@@ -187,7 +210,7 @@ def main() -> int:
                     break
             except httpx.HTTPError:
                 pass
-            if time.time() > deadline or server.poll() is not None:
+            if time.time() > deadline + 180 or server.poll() is not None:
                 raise SystemExit("the server did not come up")
             time.sleep(0.3)
         asyncio.run(phase(base, 4, 3, args.max_tokens, start_index=10**8))  # warm-up, not counted
@@ -208,7 +231,8 @@ def main() -> int:
     end = samples[-1][1]
     seq_tps, con_tps = seq.tokens / seq_elapsed, con.tokens / con_elapsed
     result = {
-        "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+        "model": args.random_preset + " (random init)" if args.random_preset else "step1-nano (trained)" if not args.run else args.run,
+        "dtype": args.dtype, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
         "sequential": {"requests": seq.ok, "failures": len(seq.failures), "tokens": seq.tokens, "elapsed_s": seq_elapsed,
                        "tokens_per_s": seq_tps, "ttft_p50_s": percentile(seq.ttft, 50), "ttft_p99_s": percentile(seq.ttft, 99)},
         "concurrent": {"requests": con.ok, "failures": len(con.failures), "tokens": con.tokens, "elapsed_s": con_elapsed,
@@ -219,6 +243,7 @@ def main() -> int:
     }
     s, c = result["sequential"], result["concurrent"]
     print()
+    print(f"model {result['model']}, {args.dtype}, max_tokens {args.max_tokens}, max_batch {args.max_batch}")
     print("| phase | clients | requests | failures | output tok/s | TTFT p50 | TTFT p99 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| one at a time | 1 | {s['requests']} | {s['failures']} | {s['tokens_per_s']:,.0f} | {s['ttft_p50_s'] * 1000:.0f} ms | {s['ttft_p99_s'] * 1000:.0f} ms |")

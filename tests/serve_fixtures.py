@@ -70,3 +70,49 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+class Hold:
+    """Hold an engine's thread before its next step (once ``engine.steps_total >= after_steps``) until released.
+
+    ``with Hold(engine) as hold: ...`` makes timing-dependent tests deterministic: while held, admitted requests
+    stay prefilling/running and the rest stay waiting, however fast the model is or whatever it would sample.
+    """
+
+    def __init__(self, engine, after_steps: int | None = None):
+        self.engine = engine
+        self.after = engine.steps_total if after_steps is None else after_steps
+        self.reached = threading.Event()  # the engine thread is parked in the hook
+        self.go = threading.Event()
+
+    def _hook(self) -> None:
+        if self.engine.steps_total >= self.after and not self.go.is_set():
+            self.reached.set()
+            self.go.wait()
+
+    def wait_reached(self, timeout: float = 30.0) -> None:
+        if not self.reached.wait(timeout):
+            raise AssertionError("the engine never reached the held step")
+
+    def release(self) -> None:
+        self.go.set()
+
+    def __enter__(self) -> "Hold":
+        self.engine.before_step = self._hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.go.set()
+        self.engine.before_step = None
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import Server, tiny_run  # noqa: E402
+from serve_fixtures import Hold, Server, tiny_run, wait_for  # noqa: E402
 
 from steplab.infer.engine import Engine, QueueFullError, Request, chat_stop_ids, encode_chat  # noqa: E402
 from steplab.infer.sampling import SamplingParams, generate  # noqa: E402
@@ -134,20 +133,19 @@ def test_engine_serves_moe_models(loaded):
 def test_engine_queue_full_and_cancel_frees_slot(loaded):
     _, model, tok = loaded
     with Engine(model, tok, max_batch=1, max_queue=1) as engine:
-        first = engine.submit(Request(_ids(tok, "a"), 200, temperature=1.0))
-        deadline = time.time() + 10
-        while engine.stats()["running"] < 1 and time.time() < deadline:
-            time.sleep(0.01)
-        second = engine.submit(Request(_ids(tok, "b"), 200, temperature=1.0))
-        with pytest.raises(QueueFullError):
-            engine.submit(Request(_ids(tok, "c"), 5))
-        first.cancel()
-        second.cancel()
-        reasons = [ev.finish_reason for ev in first if ev.finish_reason]
-        assert reasons == ["cancelled"]
-        deadline = time.time() + 10
-        while engine.stats()["free_slots"] < 1 and time.time() < deadline:
-            time.sleep(0.01)
+        with Hold(engine) as hold:  # deterministic: nothing can finish while held
+            first = engine.submit(Request(_ids(tok, "a"), 200, temperature=1.0))
+            hold.wait_reached()
+            assert engine.stats()["running"] == 1
+            second = engine.submit(Request(_ids(tok, "b"), 200, temperature=1.0))
+            with pytest.raises(QueueFullError):
+                engine.submit(Request(_ids(tok, "c"), 5))
+            first.cancel()
+            second.cancel()
+        # both end with a final "cancelled" event: the running one and the one still waiting
+        assert [ev.finish_reason for ev in first if ev.finish_reason] == ["cancelled"]
+        assert [ev.finish_reason for ev in second if ev.finish_reason] == ["cancelled"]
+        wait_for(lambda: engine.stats()["free_slots"] == 1, what="the slot to come back")
         assert {k: engine.stats()[k] for k in ("waiting", "running", "free_slots", "max_batch")} == \
             {"waiting": 0, "running": 0, "free_slots": 1, "max_batch": 1}
         assert engine.generate(Request(_ids(tok, "d"), 3, temperature=0))[0].finish_reason == "length"
@@ -160,7 +158,7 @@ def test_api_greedy_equals_steplab_sample(server, loaded, client, capsys):
 
     run, _, tok = loaded
     prompt = "def parse(self"
-    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40", "--json"]) == 0
+    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "40", "--json", "--dtype", "fp32"]) == 0
     sample = json.loads(capsys.readouterr().out)[0]
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, extra_body={"return_token_ids": True})
     assert r.choices[0].model_extra["token_ids"] == sample["tokens"]
@@ -387,11 +385,9 @@ def test_queue_full_is_503_with_retry_after(loaded):
     _, model, tok = loaded
     engine = Engine(model, tok, name=MODEL, max_batch=1, max_queue=1)
     app = create_app({MODEL: engine}, api_keys=None)
-    with Server(app) as srv:
+    with Server(app) as srv, Hold(engine) as hold:
         busy = engine.submit(Request(_ids(tok, "a"), 250, temperature=1.0))
-        deadline = time.time() + 10
-        while engine.stats()["running"] < 1 and time.time() < deadline:
-            time.sleep(0.01)
+        hold.wait_reached()  # admitted and held: the one slot stays busy
         queued = engine.submit(Request(_ids(tok, "b"), 5))
         resp = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "c", "max_tokens": 2})
         busy.cancel()
@@ -402,27 +398,27 @@ def test_queue_full_is_503_with_retry_after(loaded):
 
 
 def test_client_disconnect_cancels_generation(server):
+    """Deterministic (no race between the model stopping and the client leaving): the engine is held with the
+    request admitted but before its first step while the client goes away (test_serve_storm covers mid-stream)."""
     engine = server.engine
-    before = engine.finished_total.get("cancelled", 0)
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 240, "temperature": 1.0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=HEADERS) as resp:
-        for line in resp.iter_lines():
-            if '"content":"' in line and '"content":""' not in line:
-                break  # got a token; leave and drop the connection
-    deadline = time.time() + 10
-    while engine.finished_total.get("cancelled", 0) == before and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.finished_total.get("cancelled", 0) == before + 1
-    # a non-streaming request whose client gives up is cancelled too
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, headers=HEADERS, timeout=0.3)
-    deadline = time.time() + 10
-    while engine.finished_total.get("cancelled", 0) == before + 1 and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.finished_total.get("cancelled", 0) == before + 2
-    while engine.stats()["running"] and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.stats()["free_slots"] == engine.max_batch
+    cancelled = lambda: engine.stats()["finished"].get("cancelled", 0)  # noqa: E731
+    before = cancelled()
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 240, "temperature": 1.0, "seed": 0, "stream": True}
+    with Hold(engine) as hold:  # admitted, then held before its first step: it cannot finish on its own
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=HEADERS) as resp:
+            next(line for line in resp.iter_lines() if line.startswith("data: "))  # the role chunk: the handler runs
+            hold.wait_reached()
+            assert engine.stats()["running"] == 1
+        # the connection is closed; the server notices while the engine is still held
+        wait_for(lambda: engine.stats()["cancelled_pending"] == 1, what="the disconnect to cancel the request")
+    wait_for(lambda: cancelled() == before + 1, what="the cancelled request to finish")
+    # a non-streaming request whose client gives up is cancelled too (held: it cannot finish before the timeout)
+    with Hold(engine):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, headers=HEADERS, timeout=0.3)
+        wait_for(lambda: engine.stats()["cancelled_pending"] == 1, what="the disconnect to cancel the request")
+    wait_for(lambda: cancelled() == before + 2, what="the cancelled request to finish")
+    wait_for(lambda: engine.stats()["free_slots"] == engine.max_batch, what="all slots free")
 
 
 def test_metrics_prometheus_format(server, client):

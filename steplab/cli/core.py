@@ -5,6 +5,18 @@ import argparse
 import json
 import time
 
+# Inference dtype of sample/chat/eval/serve (weights and KV cache; eval: autocast). bf16 by measurement: on this
+# CPU (AMX-BF16) KV-cached decoding of step1-mini ran 1.09x (batch 1) and 1.50x (batch 8) the fp32 speed
+# (bench/decode_dtype.py, docs/benchmarks.md "issue 10"). Pass --dtype fp32 on CPUs without native bf16, or for
+# bit-exact comparisons (the KV cache equals recomputation exactly only in fp32).
+DTYPES = ("bf16", "fp32")
+DEFAULT_DTYPE = "bf16"
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help=f"weights and KV cache dtype for inference (default {DEFAULT_DTYPE}: measured faster here; see docs/serving.md)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the main job: corpus -> tokenizer -> shards -> train -> eval -> samples")
@@ -57,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking the KV cache)")
     p.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    add_dtype_arg(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -120,17 +133,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from steplab.infer.prompts import torch_dtype
     from steplab.infer.sampling import SamplingParams, generate
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
     cfg, model, tokenizer, _ = load_run(args.run, device=resolve_device("auto"))
-    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    model = model.to(torch_dtype(args.dtype))
+    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)  # plain text: marker strings stay text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     outs = generate(model, [prompt] * args.num_samples, params, stop_ids={tokenizer.eos_id}, use_cache=not args.no_cache)
     if args.json:
-        print(json.dumps([{"tokens": o, "text": tokenizer.decode(o, skip_special=True)} for o in outs]))
+        print(json.dumps([{"prompt_tokens": prompt, "tokens": o, "text": tokenizer.decode(o, skip_special=True)} for o in outs]))
         return 0
     for i, o in enumerate(outs):
         if args.num_samples > 1:

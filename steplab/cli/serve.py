@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from steplab.cli.core import add_dtype_arg
 from steplab.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -24,9 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (anyone who can connect may use it)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s (back-pressure)")
-    p.add_argument("--rate-limit", help="per key (per address with --no-auth), e.g. 60/min, 5/s, '600/hour,burst=20'")
+    p.add_argument("--rate-limit", help="per key (per address with --no-auth), e.g. 60/minute, 5/second, '600/hour;20/10 seconds'")
+    p.add_argument("--auth-failure-limit", default="20/minute",
+                   help="failed authentications per client address before it gets 429s (default 20/minute; 'off' disables)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDR",
+                   help="reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client; "
+                        "default none: the connecting address is the client")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    p.add_argument("--max-len", type=int, help="context per sequence (KV-cache length; default: the model's max_seq_len)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step (default 512)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_dtype_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -38,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_dtype_arg(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -74,16 +84,35 @@ def cmd_serve(args) -> int:
         if not keys:
             raise ConfigError(f"no API keys: pass --api-keys-file FILE (one key per line) or set {ENV_VAR}, "
                               "or serve without keys explicitly with --no-auth")
+    if args.max_len is not None and args.max_len < 2:
+        raise ConfigError(f"--max-len {args.max_len} leaves no room for a prompt and a reply; use at least 2")
+    if args.prefill_chunk < 1 or args.max_batch < 1 or args.max_queue < 0:
+        raise ConfigError("--prefill-chunk and --max-batch must be at least 1 and --max-queue at least 0")
+    failure_limit = None if args.auth_failure_limit.lower() in ("off", "none", "0") else args.auth_failure_limit
+    if failure_limit:
+        from steplab.serve.auth import parse_rate
+
+        parse_rate(failure_limit)  # a clear error before loading anything
+    for proxy in args.trusted_proxy:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"--trusted-proxy {proxy!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8)") from None
     _check_port(args.host, args.port)
-    app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, max_request_bytes=args.max_request_bytes,
-                     max_batch=args.max_batch, max_queue=args.max_queue, device=resolve_device(args.device))
+    app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, auth_failure_limit=failure_limit,
+                     trusted_proxies=args.trusted_proxy or None, max_request_bytes=args.max_request_bytes,
+                     max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                     max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype)
     for name, engine in app.state.engines.items():
         print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch})")
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"chat page {url}/   API {url}/v1   auth: {'OFF (--no-auth)' if keys is None else f'{len(keys)} key(s)'}")
     if keys is None and not _is_loopback(args.host):
         print(f"warning: no authentication on {args.host}: anyone who can reach this address can use the models", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # proxy_headers=False: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 on its own; the client
+    # address is rewritten only for --trusted-proxy (see docs/security.md)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                proxy_headers=False)
     return 0
 
 
@@ -105,11 +134,13 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_chat(args, input_fn=input) -> int:
-    from steplab.infer.engine import Engine, Request, chat_stop_ids, encode_chat
+    from steplab.infer.engine import Engine, Request
+    from steplab.infer.prompts import chat_stop_ids, encode_chat, torch_dtype
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
     _, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
+    model = model.to(torch_dtype(args.dtype))
     engine = Engine(model, tokenizer, name=Path(args.run).name, max_batch=1, max_queue=1).start()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -130,7 +161,7 @@ def cmd_chat(args, input_fn=input) -> int:
                 continue
             if not command:
                 continue
-            history.append({"role": "user", "content": line})
+            history.append({"role": "user", "content": line})  # plain text: typed markers stay text
             prompt = encode_chat(tokenizer, system + history)
             while len(prompt) > engine.context_len // 2 and len(history) > 1:  # forget the oldest turns
                 history = history[2:] if len(history) > 2 else history[1:]

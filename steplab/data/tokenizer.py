@@ -9,6 +9,13 @@ code, and the saved ``tokenizer.json`` plus ``tokenizer_config.json`` load uncha
 ``transformers.AutoTokenizer``, so exported models need no tokenizer conversion.
 
 Special tokens take ids 0..6 in the order of :data:`SPECIAL_TOKENS`.
+
+Text is data, never control: :meth:`Tokenizer.encode` encodes the literal string ``"<|end|>"`` as ordinary
+bytes, so text from users (chat messages, completion prompts, ``steplab sample --prompt``, SFT and pretraining
+documents) can never close a turn or open one for another role. Control ids come only from the code that
+builds a layout: :meth:`Tokenizer.encode_chat` places the template's markers as ids around plainly encoded
+contents, and :meth:`Tokenizer.encode_markup` parses marker strings for text the program itself wrote.
+transformers' tokenizer parses marker text everywhere; for text without marker strings the ids are identical.
 """
 from __future__ import annotations
 
@@ -49,8 +56,14 @@ class Tokenizer:
                 raise DataError(f"tokenizer has {token!r} at id {got}, expected {expected_id}; "
                                 "re-train it with `steplab tokenizer train`")
             self.special_ids[token] = got
+        # A twin that encodes special-token strings as plain text (tokenizers' ``encode_special_tokens``; not
+        # part of the saved file). ``_tok`` keeps parsing markers, for the template's own text and for decoding.
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._plain = HFTokenizer.from_str(hf_tokenizer.to_str())
+        self._plain.encode_special_tokens = True
         # encode_batch_fast (tokenizers>=0.21) skips offset bookkeeping we never use.
-        self._batch = getattr(hf_tokenizer, "encode_batch_fast", hf_tokenizer.encode_batch)
+        self._batch = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
 
     # -- ids
     @property
@@ -71,19 +84,42 @@ class Tokenizer:
 
     # -- text <-> ids
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in ``text`` map to their ids."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` as plain text: ``"<|end|>"`` in ``text`` is seven characters, never the control id."""
+        ids = self._plain.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once on all cores (no bos/eos added)."""
+        """Encode many texts at once on all cores as plain text (no bos/eos added)."""
         return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Token ids of text the *program* wrote, where marker strings (``<|user|>``...) become control ids.
+        Never pass user text here: use :meth:`encode` or :meth:`encode_chat`."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:
+        """Ids of the built-in chat template: the markers are control ids, every content is plain text.
+
+        Equal to ``encode_markup(render_chat(...))`` (and to transformers' ``apply_chat_template``) whenever no
+        content contains a marker string; when one does, it stays text here instead of forging a turn.
+        """
+        ids = [self.bos_id]
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"unknown chat role {m['role']!r}; use system, user or assistant")
+            ids.append(self.special_ids[f"<|{m['role']}|>"])
+            ids += self.encode(m["content"])
+            ids.append(self.special_ids["<|end|>"])
+        if add_generation_prompt:
+            ids.append(self.special_ids["<|assistant|>"])
+        return ids
 
     def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
-        """The chat template applied without Jinja (same output as transformers' apply_chat_template)."""
+        """The chat template applied without Jinja, as text (same output as transformers' apply_chat_template).
+        For ids use :meth:`encode_chat`: encoding this text would turn marker strings inside contents into markers."""
         parts = ["<|bos|>"]
         for m in messages:
             if m["role"] not in ("system", "user", "assistant"):

@@ -3,7 +3,8 @@
 One background thread owns the model and a :class:`~steplab.models.common.KVCache` with ``max_batch`` rows
 ("slots"). Each turn of its loop:
 
-1. drops cancelled requests (a client went away): their slots go back to the free list at once;
+1. drops cancelled requests (a client went away): their slots go back to the free list at once and each
+   gets a final ``cancelled`` event, wherever it was (waiting, prefilling or decoding), so no consumer waits forever;
 2. admits waiting requests first-in first-out while enough slots are free (a request asking for ``n``
    choices takes ``n`` slots);
 3. prefills: feeds at most ``prefill_chunk`` prompt tokens into the admitted requests' slots, so a long
@@ -29,6 +30,11 @@ Events cross from the engine thread to the caller through the caller's asyncio l
         print(event.text, end="")
 
 Leaving the loop early (``break``, an exception, a cancelled task) cancels the request and frees its slot.
+
+Threads: the waiting/prefilling/running/free containers change only under the engine's lock (``_cond``), so
+:meth:`Engine.stats` (read by /health and /metrics from the event loop) always sees a consistent state
+(``running + free_slots == max_batch``); the forward passes run outside the lock. ``before_step``, if set, is
+called by the engine thread before each step, outside the lock: tests use it to hold the engine at a known point.
 """
 from __future__ import annotations
 
@@ -234,6 +240,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.before_step = None  # test hook: called in the engine thread before each step
         # counters for /metrics
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -273,7 +280,9 @@ class Engine:
             return {"waiting": len(self._waiting), "running": len(self._running) + sum(len(p.seqs) for p in self._prefilling),
                     "free_slots": len(self._free), "max_batch": self.max_batch,
                     "prompt_tokens_total": self.prompt_tokens_total, "generation_tokens_total": self.generation_tokens_total,
-                    "rejected_total": self.rejected_total, "finished": dict(self.finished_total)}
+                    "rejected_total": self.rejected_total, "finished": dict(self.finished_total),
+                    "cancelled_pending": sum(h.cancelled for h in self._waiting) + sum(p.handle.cancelled for p in self._prefilling)
+                    + sum(s.handle.cancelled for s in self._running)}
 
     # -- requests
     def validate(self, request: Request) -> None:
@@ -345,14 +354,16 @@ class Engine:
     # -- the engine thread
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not (self._stopping or self._waiting or self._prefilling or self._running):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                self._drop_cancelled()
-                self._admit()
             try:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._prefilling or self._running):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._drop_cancelled()
+                    self._admit()
+                if self.before_step is not None:
+                    self.before_step()
                 with torch.no_grad():
                     self._step()
             except Exception as e:  # keep serving: fail the requests in flight, not the server
@@ -366,8 +377,14 @@ class Engine:
                 handle._deliver(Event(i, [], "", finish_reason="error", error="the server is shutting down"))
 
     def _drop_cancelled(self) -> None:
+        """(under the lock) Finish every cancelled request, with a final event for each of its choices."""
         if any(h.cancelled for h in self._waiting):
+            dropped = [h for h in self._waiting if h.cancelled]
             self._waiting = deque(h for h in self._waiting if not h.cancelled)
+            for handle in dropped:  # never admitted: no slot to free, but the consumer still needs its end
+                for i in range(handle.request.n):
+                    self.finished_total["cancelled"] = self.finished_total.get("cancelled", 0) + 1
+                    handle._deliver(Event(i, [], "", finish_reason="cancelled"))
         for pre in [p for p in self._prefilling if p.handle.cancelled]:
             self._prefilling.remove(pre)
             for seq in pre.seqs:
@@ -397,8 +414,11 @@ class Engine:
             budget -= len(chunk)
             if pre.pos < len(prompt):
                 break  # the rest of this prompt next turn, after a decode step for the others
-            self._prefilling.popleft()
-            self.prompt_tokens_total += len(prompt)
+            with self._cond:  # one move, so stats() never sees the sequences in neither container
+                self._prefilling.popleft()
+                self._running.extend(pre.seqs)
+                self.prompt_tokens_total += len(prompt)
+            # running before the copy: if a copy fails, _fail_running finds these sequences and frees their slots
             for seq in pre.seqs[1:]:  # n > 1: share the computed prompt
                 self._copy_slot(first.slot, seq.slot, len(prompt))
             if pre.handle.request.prompt_logprobs is not None:
@@ -406,12 +426,10 @@ class Engine:
                 for seq in pre.seqs:
                     seq.handle._deliver(Event(seq.index, [], "", finish_reason="length" if done else None,
                                               prompt_logprobs=pre.prompt_logprobs))
-                    if done:
-                        self._finish(seq, "length", running=False, deliver=False)
+                    if done:  # scored, nothing to generate: leave the batch now
+                        self._finish(seq, "length", deliver=False)
                 if done:
                     continue
-            for seq in pre.seqs:
-                self._running.append(seq)
             for seq in pre.seqs:
                 self._accept(seq, logits[0, -1])
         if self._running:
@@ -501,21 +519,23 @@ class Engine:
         return out, False
 
     def _finish(self, seq: _Seq, reason: str, *, running: bool = True, deliver: bool = True, error: str | None = None) -> None:
-        if running:
-            self._running.remove(seq)
-        self.cache.lengths[seq.slot] = 0
-        self._free.append(seq.slot)
-        self.finished_total[reason] = self.finished_total.get(reason, 0) + 1
+        with self._cond:  # the lock is re-entrant: _drop_cancelled calls this while holding it
+            if running:
+                self._running.remove(seq)
+            self.cache.lengths[seq.slot] = 0
+            self._free.append(seq.slot)
+            self.finished_total[reason] = self.finished_total.get(reason, 0) + 1
         if deliver:
             seq.handle._deliver(Event(seq.index, [], "", finish_reason=reason, error=error))
 
     def _fail_running(self, message: str) -> None:
-        for pre in list(self._prefilling):
-            for seq in pre.seqs:
-                self._finish(seq, "error", running=False, error=message)
-        self._prefilling.clear()
-        for seq in list(self._running):
-            self._finish(seq, "error", error=message)
+        with self._cond:
+            for pre in list(self._prefilling):
+                for seq in pre.seqs:
+                    self._finish(seq, "error", running=False, error=message)
+            self._prefilling.clear()
+            for seq in list(self._running):
+                self._finish(seq, "error", error=message)
 
 
 def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
@@ -532,47 +552,5 @@ def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
     return [Logprob(t, lp, alt) for t, lp, alt in zip(targets, chosen, tops)]
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """"bf16" | "fp32" (also "bfloat16", "float32") -> the torch dtype."""
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-    if name not in table:
-        raise ValueError(f"dtype {name!r} is not one of bf16, fp32")
-    return table[name]
-
-
-# ---- prompts ---------------------------------------------------------------------------------------------
-
-def chat_stop_ids(tokenizer) -> frozenset[int]:
-    """A chat reply ends at <|end|> (the template's turn end) or <|eos|>."""
-    ids = {tokenizer.eos_id}
-    if "<|end|>" in tokenizer.special_ids:
-        ids.add(tokenizer.special_ids["<|end|>"])
-    return frozenset(ids)
-
-
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` under the tokenizer's chat template, ending with the assistant's turn opener.
-
-    The built-in template is rendered without Jinja (``Tokenizer.render_chat``); a custom template stored in
-    tokenizer_config.json is rendered with Jinja in a sandbox, the way transformers does.
-    """
-    from steplab.data.tokenizer import CHAT_TEMPLATE
-
-    template = getattr(tokenizer, "chat_template", CHAT_TEMPLATE)
-    if template == CHAT_TEMPLATE:
-        text = tokenizer.render_chat(messages, add_generation_prompt=True)
-    else:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                    bos_token="<|bos|>", eos_token="<|eos|>")
-        except TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
-    return tokenizer.encode(text)
+# the prompt helpers used to live here; kept importable from this module
+from steplab.infer.prompts import chat_stop_ids, encode_chat, torch_dtype  # noqa: E402,F401

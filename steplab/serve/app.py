@@ -45,7 +45,7 @@ def load_engine(name: str, spec: Any, *, device: str = "cpu", dtype: str | None 
 
         _, model, tokenizer, _ = load_run(spec, device=device)
     if dtype is not None:
-        from steplab.infer.engine import torch_dtype
+        from steplab.infer.prompts import torch_dtype
 
         model = model.to(torch_dtype(dtype))
     return Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

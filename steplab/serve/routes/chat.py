@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request as HTTPRequest
 
-from steplab.infer.engine import chat_stop_ids, encode_chat
+from steplab.infer.prompts import chat_stop_ids, encode_chat
 from steplab.serve.common import engine_for, guard, parse, submit
 from steplab.serve.errors import APIError
 from steplab.serve.responses import respond
