@@ -58,6 +58,9 @@ BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run
 D_EXTRAPOLATION = 1.0
 EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
+# The downstream suite (steplab.eval, issue 14) over the sweep and the planned run: below this budget the models
+# are too small for any task to leave chance, and scoring 13 runs would take longer than training them.
+SUITE_MIN_BUDGET = 0.25
 
 
 def moe_sizes(sizes: list[dict] = SIZES) -> list[dict]:
@@ -169,7 +172,11 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
         report = write_report(out_dir, table, fit, why, summary, predicted, ci, plan_note, big, target_C)
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
-    _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
+    if budget >= SUITE_MIN_BUDGET:
+        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
+    else:
+        print(f"      downstream suite: skipped below --budget {SUITE_MIN_BUDGET:g} (run `steplab eval {sweep_dir} "
+              f"--suite small --target {run_dir}`)")
 
     wall = time.time() - t0
     print("\n== result ==")

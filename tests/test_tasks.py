@@ -194,3 +194,18 @@ def test_eval_verb_task_list_and_errors(capsys, tmp_path):
     assert "next_line" in capsys.readouterr().out
     assert main(["eval", str(tmp_path), "--task", "next_line"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_suite_over_sweep_scores_saves_and_says_when_it_cannot_fit(tmp_path, monkeypatch):
+    import shutil
+
+    from serve_fixtures import tiny_run
+    from steplab.eval import suite as suite_mod
+    from steplab.eval.taskfit import suite_over_sweep
+
+    monkeypatch.setitem(suite_mod.SUITES, "tiny", [("line_order", 20)])
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run(), run)
+    md = suite_over_sweep([run], run, tmp_path, suite="tiny", progress=False)
+    assert "| line_order | choice | 20 |" in md and "only 1 runs (need >= 3)" in md
+    assert (tmp_path / "task_prediction.png").is_file() and (run / "eval" / "suite_tiny.json").is_file()
