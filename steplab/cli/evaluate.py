@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, help="--suite: scale the item counts (default 1; 0.2 for the runs of a sweep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", help="sweep mode: a run whose suite score is predicted from the sweep and measured")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"],
+                   help="compute dtype (default: fp32 for --task/--suite/--lm-eval, the run's train dtype for the loss)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval)
 
@@ -45,7 +46,7 @@ def cmd_eval(args) -> int:
     if args.task or args.suite:
         from steplab.eval.runner import EngineLM
 
-        with EngineLM.from_run(args.run, device=args.device, dtype=args.dtype) as lm:
+        with EngineLM.from_run(args.run, device=args.device, dtype=args.dtype or "fp32") as lm:
             if args.task:
                 from steplab.eval.task_eval import run_task
                 from steplab.tasks import get_task
@@ -68,7 +69,7 @@ def cmd_eval(args) -> int:
         from steplab.eval.harness import run_lm_eval
 
         tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
-        res = run_lm_eval(args.run, tasks, args.include_path, device=args.device, dtype=args.dtype, limit=args.limit)
+        res = run_lm_eval(args.run, tasks, args.include_path, device=args.device, dtype=args.dtype or "fp32", limit=args.limit)
         out["lm_eval"] = res["results"]
         for task, metrics in res["results"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -84,7 +85,7 @@ def _sweep(args) -> int:
     sweep = Path(args.run)
     dirs = sorted(d for d in (sweep / "runs").iterdir() if (d / "summary.json").is_file())
     md = suite_over_sweep(dirs, Path(args.target) if args.target else None, sweep, suite=args.suite, sweep_scale=args.scale or 0.2,
-                          device=args.device, dtype=args.dtype, seed=args.seed)
+                          device=args.device, dtype=args.dtype or "fp32", seed=args.seed)
     print(md)
     print(f"wrote {sweep / 'task_prediction.md'}")
     return 0
@@ -101,6 +102,6 @@ def _loss(args) -> int:
     cfg, model, tokenizer, step = load_run(args.run, device=device)
     _, _, val, _ = load_prepared(args.data or cfg.data.path)
     batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
-    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=cfg.train.dtype)
+    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=args.dtype or cfg.train.dtype)
     print(json.dumps({"run": args.run, "step": step, **result}, indent=2))
     return 0
