@@ -62,6 +62,9 @@ BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run
 D_OPT_MAX_RATIO = 2.0
 EVAL_TOKENS = 131_072
 SAMPLE_PROMPTS = ["def ", "import os\n", "class "]
+# The downstream suite (steplab.eval, issue 14) over the sweep and the planned run: below this budget the models
+# are too small for any task to leave chance, and scoring 13 runs would take longer than training them.
+SUITE_MIN_BUDGET = 0.25
 
 
 def moe_sizes(sizes: list[dict] = SIZES) -> list[dict]:
@@ -196,6 +199,13 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
     phases["report"] = time.time() - t
+    if budget >= SUITE_MIN_BUDGET:
+        t = time.time()
+        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
+        phases["downstream"] = time.time() - t
+    else:
+        print(f"      downstream suite: skipped below --budget {SUITE_MIN_BUDGET:g} (run `steplab eval {sweep_dir} "
+              f"--suite small --target {run_dir}`)")
 
     wall = time.time() - t0
     inside = predicted is not None and ci[0] <= measured <= ci[1]
@@ -254,6 +264,24 @@ def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, m
     lo, hi = fit.predict_interval(np.array([p.N]), np.array([p.D]))
     tqdm.write(f"    fit on {len(rows)} points: alpha {fit.alpha:.3f}, beta {fit.beta:.3f}, E {fit.E:.3f}; planned run "
                f"N {p.N:.3g}, D {p.D:.3g}: predicted {float(fit.predict(p.N, p.D)):.4f} [{lo[0]:.4f}, {hi[0]:.4f}]")
+
+
+def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool) -> None:
+    """The downstream suite (steplab.eval, issue 14): scores of the sweep and the planned run, each task's
+    prediction from the sweep next to the measurement, appended to the report."""
+    from steplab.eval.taskfit import suite_over_sweep
+    from steplab.utils import atomic_write_text
+
+    print("      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all)")
+    runs = sorted(d for d in (sweep_dir / "runs").iterdir() if (d / "summary.json").is_file())
+    with _quiet_numpy():
+        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress)
+    print(md)
+    report = Path(report)
+    if report.suffix == ".md" and report.is_file():
+        text = report.read_text()
+        cut = text.find("\n## Downstream suite")
+        atomic_write_text(report, (text if cut < 0 else text[:cut]).rstrip() + "\n\n" + md)
 
 
 @contextlib.contextmanager

@@ -344,7 +344,7 @@ def test_bad_json_unknown_model_route_and_size(server):
             yield b" " * 10_000
 
     _assert_openai_error(httpx.post(url, content=chunked(), headers=HEADERS), 413)
-    _assert_openai_error(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]}, headers=HEADERS), 400)
+    _assert_openai_error(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 0}, headers=HEADERS), 400)
     _assert_openai_error(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [1, 99999]}, headers=HEADERS), 400)
 
 

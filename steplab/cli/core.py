@@ -1,4 +1,4 @@
-"""Core verbs: quickstart, data prepare, tokenizer train, train, eval, sample."""
+"""Core verbs: quickstart, data prepare, tokenizer train, train, sample (eval: cli/evaluate.py)."""
 from __future__ import annotations
 
 import argparse
@@ -59,13 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: data parallel or FSDP2 sharding (default fsdp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="validation loss and bits per byte of a run")
-    p.add_argument("run")
-    p.add_argument("--data", help="prepared dataset (default: the run's own)")
-    p.add_argument("--batches", type=int, default=50, help="validation batches (default 50)")
-    add_dtype_arg(p)
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run")
     p.add_argument("run")
@@ -138,22 +131,6 @@ def cmd_train(args) -> int:
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"val loss {summary['val_loss']:.4f}, bits/byte {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}, wall {time.time() - t0:.1f} s -> {args.out}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from steplab.data.loader import iter_eval_batches
-    from steplab.data.prepare import load_prepared
-    from steplab.eval.evaluate import evaluate, token_byte_lengths
-    from steplab.train.checkpoint import load_run
-    from steplab.train.trainer import resolve_device
-
-    device = resolve_device("auto")
-    cfg, model, tokenizer, step = load_run(args.run, device=device)
-    _, _, val, _ = load_prepared(args.data or cfg.data.path)
-    batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
-    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=args.dtype)
-    print(json.dumps({"run": args.run, "step": step, **result}, indent=2))
     return 0
 
 

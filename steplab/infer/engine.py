@@ -89,6 +89,9 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
     stop_ids: frozenset[int] = frozenset()  # stop tokens (counted in usage, not included in the text)
     n: int = 1
+    # None: off; k: every prompt token's logprob given the tokens before it (None for the first) and the k most
+    # likely tokens there, delivered once per choice before its first token (prompt scoring; max_tokens may be 0).
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Event:
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
+    prompt_logprobs: list[Logprob | None] | None = None  # set once per choice when the request asked for them
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Completion:
     text: str
     finish_reason: str
     logprobs: list[Logprob]
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 _ids = itertools.count(1)
@@ -209,6 +214,7 @@ class _Seq:
 class _Prefill:
     def __init__(self, handle: Handle, seqs: list[_Seq]):
         self.handle, self.seqs, self.pos = handle, seqs, 0
+        self.prompt_logprobs: list[Logprob | None] = [None]  # the first token has no context
 
 
 class Engine:
@@ -288,8 +294,8 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
         if not 1 <= request.n <= self.max_batch:
             raise ValueError(f"n={request.n} must be between 1 and the server's batch size {self.max_batch}")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens={request.max_tokens} must be at least 1")
+        if request.max_tokens < (0 if request.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens={request.max_tokens} must be at least 1 (0 only when scoring the prompt)")
         if n_prompt + request.max_tokens > self.context_len:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.context_len} tokens, but {n_prompt + request.max_tokens} "
@@ -297,8 +303,10 @@ class Engine:
                 f"shorten the prompt or lower max_tokens")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
-            raise ValueError(f"logprobs={request.logprobs} must be between 0 and 20")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not 0 <= k <= 20:
+                raise ValueError(f"{name}={k} must be between 0 and 20")
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; raises QueueFullError (back-pressure), ContextLengthError, ValueError, EngineStoppedError."""
@@ -331,6 +339,8 @@ class Engine:
             c.tokens += ev.tokens
             c.text += ev.text
             c.logprobs += ev.logprobs
+            if ev.prompt_logprobs is not None:
+                c.prompt_logprobs = ev.prompt_logprobs
             if ev.finish_reason:
                 if ev.error:
                     raise EngineError(ev.error)
@@ -397,6 +407,9 @@ class Engine:
             chunk = prompt[pre.pos:pre.pos + budget]
             ids = torch.tensor([chunk], device=self.device)
             logits = self.model(ids, cache=self.cache, slots=torch.tensor([first.slot], device=self.device))
+            if pre.handle.request.prompt_logprobs is not None:
+                targets = prompt[pre.pos + 1:pre.pos + len(chunk) + 1]  # what each chunk position predicts
+                pre.prompt_logprobs += _score(logits[0, :len(targets)], targets, pre.handle.request.prompt_logprobs)
             pre.pos += len(chunk)
             budget -= len(chunk)
             if pre.pos < len(prompt):
@@ -408,6 +421,15 @@ class Engine:
             # running before the copy: if a copy fails, _fail_running finds these sequences and frees their slots
             for seq in pre.seqs[1:]:  # n > 1: share the computed prompt
                 self._copy_slot(first.slot, seq.slot, len(prompt))
+            if pre.handle.request.prompt_logprobs is not None:
+                done = pre.handle.request.max_tokens == 0
+                for seq in pre.seqs:
+                    seq.handle._deliver(Event(seq.index, [], "", finish_reason="length" if done else None,
+                                              prompt_logprobs=pre.prompt_logprobs))
+                    if done:  # scored, nothing to generate: leave the batch now
+                        self._finish(seq, "length", deliver=False)
+                if done:
+                    continue
             for seq in pre.seqs:
                 self._accept(seq, logits[0, -1])
         if self._running:
@@ -514,6 +536,20 @@ class Engine:
             self._prefilling.clear()
             for seq in list(self._running):
                 self._finish(seq, "error", error=message)
+
+
+def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
+    """Logprob of each target under its logits row (T, V), with the k most likely tokens of the row."""
+    if not targets:
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    if k:
+        top = torch.topk(logp, k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    else:
+        tops = [[] for _ in targets]
+    return [Logprob(t, lp, alt) for t, lp, alt in zip(targets, chosen, tops)]
 
 
 # the prompt helpers used to live here; kept importable from this module

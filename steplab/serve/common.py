@@ -99,12 +99,15 @@ def engine_for(request: HTTPRequest, name: str) -> Engine:
 
 
 def submit(engine: Engine, body, prompt: list[int], stop_ids: frozenset[int], logprobs: int | None, param: str,
-           default_max_tokens: int | None = None):
+           default_max_tokens: int | None = None, prompt_logprobs: int | None = None):
     """Build the engine Request from an API body and queue it; engine errors become API errors."""
     max_tokens = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
-    if len(prompt) >= engine.context_len:
+    if max_tokens == 0 and len(prompt) > engine.context_len:  # scoring only: the prompt may fill the context
+        raise APIError(400, f"the prompt is {len(prompt)} tokens but this model's maximum context length is "
+                       f"{engine.context_len} tokens; shorten the {param}", param=param, code="context_length_exceeded")
+    if max_tokens != 0 and len(prompt) >= engine.context_len:
         raise APIError(400, f"the prompt is {len(prompt)} tokens but this model's maximum context length is "
                        f"{engine.context_len} tokens, leaving no room for a completion; shorten the {param}",
                        param=param, code="context_length_exceeded")
@@ -115,7 +118,8 @@ def submit(engine: Engine, body, prompt: list[int], stop_ids: frozenset[int], lo
                       temperature=1.0 if body.temperature is None else body.temperature,
                       top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
                       presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                      logprobs=logprobs, stop=tuple(body.stop or ()), stop_ids=stop_ids, n=body.n or 1)
+                      logprobs=logprobs, stop=tuple(body.stop or ()), stop_ids=stop_ids, n=body.n or 1,
+                      prompt_logprobs=prompt_logprobs)
     try:
         return engine.submit(request)
     except ContextLengthError as e:

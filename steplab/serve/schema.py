@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset we serve (pydantic v2).
 
 Unknown fields are accepted and ignored, as OpenAI clients send many optional ones (``user``, ``store``,
-``metadata``...). Fields we cannot honour (tools, logit_bias, echo, suffix, best_of > n) are rejected with a
+``metadata``...). Fields we cannot honour (tools, logit_bias, suffix, best_of > n; echo outside completions) are rejected with a
 400 by ``unsupported()`` rather than silently ignored. Responses are built as plain dicts in responses.py: that is
 cheaper on the streaming path than validating every chunk.
 """
@@ -92,6 +92,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False  # the prompt comes back before the completion; with logprobs, scored (first: null)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
 
     @field_validator("prompt")
     @classmethod

@@ -1,0 +1,107 @@
+"""``steplab eval``: validation loss and bits per byte, tasks, the downstream suite, lm-evaluation-harness."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run: val loss / bits per byte, --task, --suite, --lm-eval",
+                       description="With no --task/--suite/--lm-eval: validation loss and bits per byte. RUN may be a "
+                                   "sweep directory (runs/*) with --suite: scores every run and fits each task vs compute.")
+    p.add_argument("run")
+    p.add_argument("--data", help="prepared dataset for the loss (default: the run's own)")
+    p.add_argument("--batches", type=int, default=50, help="validation batches (default 50)")
+    p.add_argument("--task", action="append", default=[], metavar="NAME", help="a steplab task (repeatable); `--task list` lists them")
+    p.add_argument("--suite", help="a downstream suite (small)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks, run in process")
+    p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs (local tasks)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
+    p.add_argument("-n", "--items", type=int, default=500, help="--task: held-out items per task (default 500)")
+    p.add_argument("--scale", type=float, help="--suite: scale the item counts (default 1; 0.2 for the runs of a sweep)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", help="sweep mode: a run whose suite score is predicted from the sweep and measured")
+    p.add_argument("--dtype", choices=["fp32", "bf16"],
+                   help="compute dtype (default: fp32 for --task/--suite/--lm-eval, the run's train dtype for the loss)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    if args.task == ["list"]:
+        from steplab.tasks import get_task, task_names
+
+        for name in task_names():
+            t = get_task(name)
+            note = t.unavailable()
+            print(f"{name:18s} {t.kind:8s} chance {t.chance:4.0%}  {t.description}" + (f"  [unavailable: {note}]" if note else ""))
+        return 0
+    if not (args.task or args.suite or args.lm_eval):
+        return _loss(args)
+    run = Path(args.run)
+    if args.suite and (run / "runs").is_dir() and not (run / "config.json").is_file():
+        return _sweep(args)
+    out: dict = {"run": args.run}
+    if args.task or args.suite:
+        from steplab.eval.runner import EngineLM
+
+        with EngineLM.from_run(args.run, device=args.device, dtype=args.dtype or "fp32") as lm:
+            if args.task:
+                from steplab.eval.task_eval import run_task
+                from steplab.tasks import get_task
+
+                tasks = [get_task(name) for name in args.task]  # unknown names fail before any work
+                out["tasks"] = []
+                for t in tasks:
+                    r = run_task(lm, t, args.items, args.seed)
+                    out["tasks"].append(r.to_dict())
+                    print(f"{r.task}: {r.accuracy:.1%} ({r.correct}/{r.n}; 95% {r.ci_low:.1%}-{r.ci_high:.1%}; chance {r.chance:.0%})")
+            if args.suite:
+                from steplab.eval.suite import run_suite, save_suite, suite_markdown
+
+                res = run_suite(lm, args.suite, scale=args.scale or 1.0, seed=args.seed)
+                md = save_suite(args.run, res)
+                print(suite_markdown(res))
+                print(f"wrote {md}")
+                out["suite"] = res
+    if args.lm_eval:
+        from steplab.eval.harness import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        res = run_lm_eval(args.run, tasks, args.include_path, device=args.device, dtype=args.dtype or "fp32", limit=args.limit)
+        out["lm_eval"] = res["results"]
+        for task, metrics in res["results"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown}")
+    if args.task or args.lm_eval:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _sweep(args) -> int:
+    from steplab.eval.taskfit import suite_over_sweep
+
+    sweep = Path(args.run)
+    dirs = sorted(d for d in (sweep / "runs").iterdir() if (d / "summary.json").is_file())
+    md = suite_over_sweep(dirs, Path(args.target) if args.target else None, sweep, suite=args.suite, sweep_scale=args.scale or 0.2,
+                          device=args.device, dtype=args.dtype or "fp32", seed=args.seed)
+    print(md)
+    print(f"wrote {sweep / 'task_prediction.md'}")
+    return 0
+
+
+def _loss(args) -> int:
+    from steplab.data.loader import iter_eval_batches
+    from steplab.data.prepare import load_prepared
+    from steplab.eval.evaluate import evaluate, token_byte_lengths
+    from steplab.train.checkpoint import load_run
+    from steplab.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model, tokenizer, step = load_run(args.run, device=device)
+    _, _, val, _ = load_prepared(args.data or cfg.data.path)
+    batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
+    result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=args.dtype or cfg.train.dtype)
+    print(json.dumps({"run": args.run, "step": step, **result}, indent=2))
+    return 0

@@ -1,0 +1,79 @@
+"""A model behind the serving engine, as evaluation sees it: score continuations, generate greedily.
+
+Everything goes through :class:`steplab.infer.engine.Engine` (the one the API serves with): scoring submits
+the whole sequence with ``prompt_logprobs`` and ``max_tokens=0``; generation is greedy with stop strings. So
+the task evals, the in-process lm-evaluation-harness adapter and ``/v1/completions`` compute the same numbers.
+All requests are submitted at once and the engine batches them (continuous batching).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from steplab.infer.engine import Engine, Request
+
+
+class EngineLM:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, name: str = "eval"):
+        self.tokenizer = tokenizer
+        self.engine = Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=1 << 30).start()
+        self.context_len = self.engine.context_len
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "auto", dtype: str = "fp32", **kw) -> "EngineLM":
+        import torch
+
+        from steplab.train.checkpoint import load_run
+        from steplab.train.trainer import resolve_device
+
+        _, model, tokenizer, _ = load_run(run, device=resolve_device(device))
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
+        model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        return cls(model, tokenizer, name=Path(run).name, **kw)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    def __enter__(self) -> "EngineLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """For each (context ids, continuation ids): the continuation's summed logprob and whether it is the
+        greedy continuation. The context is cut from the left when the pair exceeds the model's context."""
+        handles = []
+        for ctx, cont in pairs:
+            if not ctx or not cont:
+                raise ValueError("loglikelihood needs a non-empty context and continuation")
+            ids = (ctx + cont)[-self.context_len:]
+            handles.append((len(cont), self.engine.submit(Request(prompt=ids, max_tokens=0, prompt_logprobs=1,
+                                                                   temperature=0.0))))
+        out = []
+        for n_cont, handle in handles:
+            scored = None
+            for ev in handle:
+                if ev.error:
+                    raise RuntimeError(ev.error)
+                if ev.prompt_logprobs is not None:
+                    scored = ev.prompt_logprobs[-n_cont:]
+            out.append((sum(lp.logprob for lp in scored), all(lp.top[0][0] == lp.token for lp in scored)))
+        return out
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, stop: tuple[str, ...] = ()) -> list[str]:
+        """Greedy completions (text up to the first stop string or end of text)."""
+        handles = []
+        for ids in prompts:
+            ids = ids[-(self.context_len - max_tokens):]
+            handles.append(self.engine.submit(Request(prompt=ids, max_tokens=max_tokens, temperature=0.0,
+                                                      stop=tuple(stop), stop_ids=frozenset({self.tokenizer.eos_id}))))
+        out = []
+        for handle in handles:
+            text = ""
+            for ev in handle:
+                if ev.error:
+                    raise RuntimeError(ev.error)
+                text += ev.text
+            out.append(text)
+        return out
