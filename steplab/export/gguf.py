@@ -253,7 +253,7 @@ def perplexity(model, cfg, batches: int) -> float:
     return math.exp(evaluate(model, data, token_byte_lengths(tok), dtype="fp32")["val_loss"])
 
 
-def verify_gguf(run_dir, path, *, batches: int = 4, checkpoint=None) -> dict:
+def verify_gguf(run_dir, path, *, batches: int = 4, checkpoint=None, ppl_fp32: float | None = None) -> dict:
     """Perplexity of our forward on the weights read back from ``path`` vs the same type quantized in memory."""
     from steplab.models import build_model
     from steplab.train.checkpoint import load_run
@@ -264,7 +264,7 @@ def verify_gguf(run_dir, path, *, batches: int = 4, checkpoint=None) -> dict:
     if meta.get("llama.block_count") != m.n_layer or meta.get("llama.embedding_length") != m.d_model:
         raise CheckpointError(f"{path} does not belong to {run_dir} (metadata {meta})")
     kind = meta["type"]
-    ppl_fp32 = perplexity(model, cfg, batches)
+    ppl_fp32 = perplexity(model, cfg, batches) if ppl_fp32 is None else ppl_fp32
     memory = build_model(m).eval()
     memory.load_state_dict(steplab_state(roundtrip_in_memory(gguf_tensors(model.state_dict(), m), kind), m), strict=False)
     from_file = build_model(m).eval()

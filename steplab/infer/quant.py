@@ -288,5 +288,16 @@ def load_quantized_run(run_dir: str | Path, device: str = "cpu", checkpoint: str
     except Exception as e:  # safetensors raises several types for damaged files
         raise CheckpointError(f"{path}/model.safetensors is corrupted ({type(e).__name__}: {e}); re-run `steplab quantize`") from None
     model = apply_quantized(build_model(cfg.model), state)  # the fp32 init is freed as modules are swapped
+    release_freed_memory()
     step = json.loads((path / "state.json").read_text())["step"] if (path / "state.json").is_file() else 0
     return cfg, model.eval(), Tokenizer.load(run_dir / "tokenizer"), step
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after the fp32 init is dropped; RSS would count them)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
