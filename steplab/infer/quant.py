@@ -38,6 +38,7 @@ QUANT_FILE = "quant.json"
 # torch's weight-only CPU kernels handle one row at a time (measured here: int8 914 ms, int4 1767 ms for 128 rows
 # of a 512 x 1408 matrix, vs 13 ms fp32 and 44 ms to dequantize + GEMM), so they serve decoding only
 KERNEL_MAX_ROWS = 16
+DEQUANT_ROWS = 256  # output rows dequantized at a time on the dense path (bounds the transient memory)
 
 
 @dataclass
@@ -114,10 +115,15 @@ class QuantWeight(nn.Module):
             # (in / group, out, 2): scale and zero side by side, as the kernel reads them
             self.register_buffer("scale", torch.stack([t["scale"], t["zero"]], -1).transpose(0, 1).float().contiguous())
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype=torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         if not self.int4:
-            return (self.q.to(dtype) * self.scale.to(dtype)[:, None])
-        return dequantize_tensor({"q": self.nibbles, "scale": self.gscale, "zero": self.gzero}).to(dtype)
+            return self.q[rows].to(dtype) * self.scale[rows].to(dtype)[:, None]
+        return dequantize_tensor({"q": self.nibbles[rows], "scale": self.gscale[rows], "zero": self.gzero[rows]}).to(dtype)
+
+    def dense_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ W.T dequantizing DEQUANT_ROWS output rows at a time: no full-size fp32 copy is ever resident."""
+        n = self.out_features if self.int4 else self.q.shape[0]
+        return torch.cat([x2 @ self.dequantize(x2.dtype, slice(i, i + DEQUANT_ROWS)).T for i in range(0, n, DEQUANT_ROWS)], dim=-1)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -125,7 +131,7 @@ class QuantWeight(nn.Module):
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
         if x2.shape[0] > KERNEL_MAX_ROWS or (self.int4 and not self.packed):
-            y = x2 @ self.dequantize(x2.dtype).T  # prefill / eval: dequantize once, then one dense GEMM
+            y = self.dense_matmul(x2)  # prefill / eval: dequantize, then dense GEMMs
         else:
             scale = self.scale if self.scale.dtype == x2.dtype else self.scale.to(x2.dtype)
             if self.int4:
