@@ -159,6 +159,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step1-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4)),  # ~0.85M N: CPU smoke tests, quickstart
     "step1-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4)),  # ~4.8M N
     "step1-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8)),  # ~25.7M N: the CPU benchmark size
+    # edge (issue 18): every matmul dim a multiple of 256 (with a 4096 vocabulary), so q8_0/q4_0 and K-quants fit
+    "step1-edge": dict(model=dict(d_model=512, n_layer=8, n_head=8, n_kv_head=4, d_ff=1536)),
     "step1-125m": dict(model=dict(d_model=1024, n_layer=10, n_head=16, n_kv_head=4, max_seq_len=2048), data=dict(seq_len=2048)),
     "step1-350m": dict(model=dict(d_model=1024, n_layer=28, n_head=16, n_kv_head=4, max_seq_len=2048), data=dict(seq_len=2048)),
     "step1-1b": dict(model=dict(d_model=2048, n_layer=20, n_head=32, n_kv_head=8, max_seq_len=2048), data=dict(seq_len=2048)),

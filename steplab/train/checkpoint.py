@@ -202,6 +202,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json); pass the --out of a `steplab train` run")
+    if (run_dir / "quant.json").is_file():  # written by `steplab quantize`: int8/int4 weights (infer/quant.py)
+        from steplab.infer.quant import load_quantized_run
+
+        return load_quantized_run(run_dir, device=device, checkpoint=checkpoint)
     cfg = RunConfig.from_dict(json.loads(config_path.read_text()))
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
