@@ -56,21 +56,24 @@ def main() -> None:
     b = sweep(grid("wsd", args.widths, args.tokens), out / "wsd_default", args.data, auto_workers(99))
     c = sweep(grid("independent", args.widths, args.tokens), out / "independent", args.data, auto_workers(99))
     print(f"load average at end: {os.getloadavg()}")
-    ta, tb, tc = (load_table(out / name / "runs.csv", adapter="runs")
-                  for name in ("wsd_1worker", "wsd_default", "independent"))
+    ta, tb = (load_table(out / name / "runs.csv", adapter="runs") for name in ("wsd_1worker", "wsd_default"))
     same = list(ta["label"]) == list(tb["label"]) and np.array_equal(ta["loss"], tb["loss"])
     print(f"\nwsd sweep, 1 worker: wall {a[0]:.0f} s; default ({auto_workers(99)} workers x 1 thread): wall {b[0]:.0f} s "
           f"-> {a[0] / b[0]:.2f}x faster; runs tables identical: {same}")
-    print("\n| N | D | WSD branch loss | independent loss | branch / independent - 1 |")
-    print("|---|---|---|---|---|")
+    # pair by the grid's target D: a branch's batch (the largest budget's) rounds D differently
+    rows = {name: {(r["N"], r["tokens_target"]): r for r in map(json.loads, (out / name / "runs.jsonl").read_text().splitlines())}
+            for name in ("wsd_default", "independent")}
+    print("\n| N | D target | WSD branch: D, lr, batch | loss | independent: D, lr, batch | loss | branch / independent - 1 |")
+    print("|---|---|---|---|---|---|---|")
     diffs = []
-    for i in np.lexsort((tb["D"], tb["N"])):
-        j = np.flatnonzero((tc["N"] == tb["N"][i]) & (tc["D"] == tb["D"][i]))
-        if len(j) != 1:
+    for key in sorted(rows["wsd_default"]):
+        x, y = rows["wsd_default"][key], rows["independent"].get(key)
+        if y is None:
             continue
-        d = tb["loss"][i] / tc["loss"][j[0]] - 1
+        d = x["loss"] / y["loss"] - 1
         diffs.append(d)
-        print(f"| {tb['N'][i]:,.0f} | {tb['D'][i]:,.0f} | {tb['loss'][i]:.4f} | {tc['loss'][j[0]]:.4f} | {d:+.2%} |")
+        print(f"| {key[0]:,} | {key[1]:,.0f} | {x['D']:,}, {x['lr']:.3g}, {x['batch_tokens']:,} | {x['loss']:.4f} | "
+              f"{y['D']:,}, {y['lr']:.3g}, {y['batch_tokens']:,} | {y['loss']:.4f} | {d:+.2%} |")
     diffs = np.abs(diffs)
     print(f"\n{len(diffs)} pairs: mean |diff| {diffs.mean():.2%}, max {diffs.max():.2%}")
     print(f"FLOPs: wsd {b[1]['flops']:.3g} vs independent {c[1]['flops']:.3g} -> {c[1]['flops'] / b[1]['flops']:.2f}x saved "
