@@ -346,7 +346,9 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
                     f"than {D_OPT_MAX_RATIO:g}x; planned N at the D the data allows (one pass, {D:,.0f} tokens)")
             choice["kind"] = "d-undetermined"
         elif interval is not None:
-            note += f" (D_opt 95% interval [{interval[0]:.3g}, {interval[1]:.3g}])"
+            note += f" (D_opt 95% interval [{interval[0]:.3g}, {interval[1]:.3g}]"
+            note += (f": wider than {D_OPT_MAX_RATIO:g}x, so the fit cannot choose D anyway)"
+                     if interval[1] / interval[0] > D_OPT_MAX_RATIO else ")")
         p = plan(compute=target_C, params=N, **kw)
     else:
         N, D = target_C / (6 * unique_tokens), unique_tokens

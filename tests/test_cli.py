@@ -18,24 +18,35 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_quickstart_tiny_budget_end_to_end(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "0.04"]) == 0
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "0.02", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "bits per byte" in out and "wall time" in out and "class " in out
+    assert "fit on 15 points" in out or "fit: 15 points, not yet usable" in out  # the running fit, last point
     run = tmp_path / "qs" / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_loss"] < 0.85 * math.log(1024)  # ln V = 6.93 at random init (vocab 1024)
     for name in ("config.json", "metrics.jsonl", "loss.png", "report.md", "checkpoints"):
         assert (run / name).exists(), name
+    pred = json.loads((tmp_path / "qs" / "prediction.json").read_text())
+    assert pred["N_span"] >= 16 and pred["seed"] == 3 and pred["measured_loss"] == summary["val_loss"]
+    assert set(pred["phase_seconds"]) == {"data", "sweep", "fit", "plan", "train", "report"}
+    assert pred["D"] <= pred["unique_tokens"] * 1.01 and pred["plan"]["why"]  # within the data, and says why
+    if pred["predicted_loss"] is not None:
+        assert pred["rel_err"] == pytest.approx(pred["predicted_loss"] / pred["measured_loss"] - 1)
+    sweep = json.loads((tmp_path / "qs" / "sweep" / "sweep.json").read_text())
+    assert sweep["mode"] == "wsd" and all(r["config"]["train"]["seed"] == 3 for r in sweep["runs"].values())
+    assert json.loads((tmp_path / "qs" / "data" / "meta.json").read_text())["seed"] == 3
+    assert summary["threads"] >= 1 and json.loads((run / "config.json").read_text())["train"]["seed"] == 3
 
 
 def test_quickstart_moe_trains_step2_models(tmp_path, capsys):
-    assert main(["quickstart", "--moe", "--out", str(tmp_path / "qs"), "--budget", "0.04"]) == 0
+    assert main(["quickstart", "--moe", "--out", str(tmp_path / "qs"), "--budget", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "Step-2 MoE" in out and "N_active" in out and "experts of" in out
     table = (tmp_path / "qs" / "sweep" / "runs.csv").read_text().splitlines()
     cols = table[0].split(",")
     rows = [dict(zip(cols, line.split(","))) for line in table[1:]]
-    assert len(rows) == 12 and all(r["n_experts"] == "8" and int(r["N_active"]) < int(r["N"]) for r in rows)
+    assert len(rows) == 15 and all(r["n_experts"] == "8" and int(r["N_active"]) < int(r["N"]) for r in rows)
     run = tmp_path / "qs" / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["moe"]["n_experts"] == 8 and config["model"]["moe"]["score"] == "sigmoid"

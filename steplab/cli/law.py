@@ -69,7 +69,7 @@ def _fit(args, table):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)
         return fit_table(table, args.kind, holdout=args.holdout, n_bootstrap=args.bootstrap, seed=args.seed,
-                         drop_invalid=args.drop_invalid)
+                         drop_invalid=args.drop_invalid, form=args.form)
 
 
 # --------------------------------------------------------------------------------------- hparams
@@ -123,6 +123,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="auto", choices=["auto", "chinchilla", "isoflop", "hparams"],
                    help="chinchilla: L = E + A/N^a + B/D^b; isoflop: approaches 1 and 2; hparams: Step Law "
                         "lr/batch laws (default: hparams for an lr x batch sweep, else chinchilla)")
+    p.add_argument("--form", default="chinchilla", choices=["chinchilla", "farseer"],
+                   help="loss law: chinchilla E + A/N^a + B/D^b (default) or farseer E(N) + B(N) D^-beta(N) "
+                        "(StepFun's Farseer, 9 parameters; docs/scaling_laws.md compares them)")
     p.add_argument("--holdout", type=int, default=0, metavar="K",
                    help="fit without the K largest-compute runs and report predicted vs measured loss for them")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000)")
@@ -196,7 +199,14 @@ def _add_plan(law_sub) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length of the planned run (default 2048)")
     p.add_argument("--moe", action="store_true",
                    help="plan a Step-2 MoE (8 experts, top-2, 1 shared): N is active; lr from total N")
-    p.add_argument("--data", help="prepared dataset to put in the config (data.path); or pass it to `train --data`")
+    p.add_argument("--data", help="prepared dataset to put in the config (data.path); or pass it to `train --data`. "
+                                  "With --compute its train tokens are the unique tokens the plan must respect")
+    p.add_argument("--unique-tokens", type=float, metavar="U",
+                   help="unique tokens available (default: the --data set's train tokens): with --compute the plan "
+                        "stays within them or repeats epochs (Muennighoff et al. 2023) and says which")
+    p.add_argument("--data-mode", choices=["auto", "repeat", "one-epoch"], default="auto",
+                   help="when D_opt exceeds the unique tokens: repeat epochs (data-constrained law), one epoch "
+                        "(D = U, larger N), or auto (repeat up to 4 epochs, else one epoch)")
     p.add_argument("--out", metavar="CONFIG", help="write the train config here (.toml, else JSON)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (config included)")
     p.set_defaults(func=cmd_plan)
@@ -228,7 +238,15 @@ def cmd_plan(args) -> int:
     from steplab.law.plan import plan, write_config
 
     law = _law_from(args) if args.from_table else None
-    p = plan(args.compute, args.params, args.tokens, fit=law, seq_len=args.seq_len, moe=args.moe, data_path=args.data)
+    unique = args.unique_tokens
+    if unique is None and args.data and args.compute is not None and args.params is None and args.tokens is None:
+        from pathlib import Path
+
+        meta = Path(args.data) / "meta.json"
+        if meta.is_file():
+            unique = float(json.loads(meta.read_text())["train"]["tokens"])
+    p = plan(args.compute, args.params, args.tokens, fit=law, seq_len=args.seq_len, moe=args.moe, data_path=args.data,
+             unique_tokens=unique, data_mode=args.data_mode)
     if args.out:
         write_config(p, args.out)
     if args.json:

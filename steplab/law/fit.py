@@ -408,14 +408,22 @@ def usable(table: RunsTable, cols: tuple[str, ...], drop_invalid: bool, sink: li
     return table.subset(~bad)
 
 
+FORMS = ("chinchilla", "farseer")
+
+
 def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_bootstrap: int = 1000,
-              seed: int = 0, drop_invalid: bool = False):
-    """Dispatch a runs table to its fit. Returns ParametricFit, a list of IsoFLOPFit (approaches 1 and 2)
-    or HparamFit."""
+              seed: int = 0, drop_invalid: bool = False, form: str = "chinchilla"):
+    """Dispatch a runs table to its fit. Returns ParametricFit (or FarseerFit with ``form="farseer"``), a list
+    of IsoFLOPFit (approaches 1 and 2) or HparamFit."""
     if kind not in KINDS:
         raise FitError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    if form not in FORMS:
+        raise FitError(f"--form {form}: choose one of {', '.join(FORMS)}")
     kind = detect_kind(table) if kind == "auto" else kind
-    if holdout and kind != "chinchilla":
+    if form != "chinchilla":
+        if kind != "chinchilla":
+            raise FitError(f"--form {form} is a loss law of N and D: use it with --kind chinchilla (or auto), not {kind}")
+    if holdout and kind != "chinchilla":  # (farseer is checked above to be a chinchilla-kind fit)
         raise FitError(f"--holdout applies to the chinchilla (parametric) fit, not to --kind {kind}")
     if "dataset" in table and len(set(table["dataset"])) > 1:
         names = sorted(set(table["dataset"]))
@@ -431,7 +439,11 @@ def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_boots
         return fit
     table, N_is = in_active_params(usable(table, ("N", "D", "loss"), drop_invalid, sink))
     table, _ = best_per_cell(table)
-    if kind == "chinchilla":
+    if kind == "chinchilla" and form == "farseer":
+        from steplab.law.farseer import fit_farseer  # farseer.py builds on this module
+
+        fit = fit_farseer(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed, holdout=holdout)
+    elif kind == "chinchilla":
         fit = fit_parametric(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed,
                              holdout=holdout)
     else:

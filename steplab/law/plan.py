@@ -229,6 +229,7 @@ class Plan:
     loss_config: float
     loss_config_ci: tuple[float, float] | None
     notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] | None = None  # with unique_tokens: which data plan (fits / one-epoch / repeat) and why
 
     @property
     def batch_sequences(self) -> int:
@@ -244,7 +245,7 @@ class Plan:
                 "N_rel_err": self.N_active_model / self.N - 1, "steps": self.steps, "D_config": self.D_config,
                 "C_config": 6.0 * self.N_active_model * self.D_config, "loss_config": self.loss_config,
                 "loss_config_ci": list(self.loss_config_ci) if self.loss_config_ci else None,
-                "config": self.config, "notes": self.notes}
+                "config": self.config, "notes": self.notes, "data": self.data}
 
     def lines(self) -> list[str]:
         m, t = self.model, self.config["train"]
@@ -276,7 +277,7 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
          fit: Any = None, seq_len: int = 2048, moe: bool = False, hparams: HparamCoefs | None = None,
          base: dict[str, Any] | None = None, data_path: str | None = None, max_micro_batch: int = 32,
          warmup_fraction: float = 0.05, level: float = 0.95, n_layer: int | None = None,
-         n_head: int | None = None) -> Plan:
+         n_head: int | None = None, unique_tokens: float | None = None, data_mode: str = "auto") -> Plan:
     """Plan a run from one (or two) of compute, params, tokens; see the module docstring.
 
     ``fit``: a ParametricFit (e.g. ``fit_parametric`` on your sweep), coefficients (dict/sequence of E, A, B,
@@ -284,7 +285,9 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
     ``base``: a nested config dict the train config is built on (e.g. the sweep's fixed settings), so the
     planned run is trained the way the law's runs were. ``max_micro_batch``: sequences per forward pass;
     larger batches use gradient accumulation. ``n_layer``/``n_head``: keep the shape in a sweep's family
-    (see ``find_shape``).
+    (see ``find_shape``). ``unique_tokens``: the unique tokens the data has; a plan from ``compute`` then stays
+    within them or repeats epochs under Muennighoff et al.'s law (``steplab.law.data_limits``, ``data_mode``
+    auto | repeat | one-epoch) and says which it did and why.
     """
     from steplab.config import RunConfig, _deep_update
 
@@ -296,6 +299,22 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
                           "dense runs for a dense plan")
     C, N, D, how = optimal_allocation(law, compute, params, tokens)
     notes: list[str] = []
+    seen = lambda d: d  # noqa: E731  the tokens the law sees (repeated epochs count for less)
+    data = None
+    if unique_tokens is not None:
+        from steplab.law.data_limits import data_plan, effective_tokens
+
+        if compute is None or params is not None or tokens is not None:
+            raise ConfigError("plan: unique tokens shape a plan from compute alone (--compute C without --params/--tokens)")
+        dp = data_plan(law, C, float(unique_tokens), data_mode)
+        N, D = dp.N, dp.D
+        how = {"fits": how, "one-epoch": "one epoch over the unique tokens at the given C",
+               "repeat": f"{dp.epochs:.2f} epochs over the unique tokens at the given C"}[dp.kind]
+        notes.append(f"data: {dp.why}")
+        data = {"unique_tokens": float(unique_tokens), "kind": dp.kind, "epochs": dp.epochs, "D_effective": dp.D_effective,
+                "N_opt_unconstrained": dp.N_opt, "D_opt_unconstrained": dp.D_opt, "why": dp.why}
+        if dp.kind == "repeat":
+            seen = lambda d: effective_tokens(d, float(unique_tokens))  # noqa: E731
     if fit is None:
         notes.append("the default law is fitted to Chinchilla's MassiveText runs: its loss values are for that data "
                      "and tokenizer; for yours, fit your own sweep (steplab law sweep, then --from runs.csv)")
@@ -331,17 +350,17 @@ def plan(compute: float | None = None, params: float | None = None, tokens: floa
     cfg = RunConfig.from_dict(raw).validate()
     config = _prune(cfg.to_dict(), raw)
 
-    pred = float(law.predict(N, D))
-    pred_cfg = float(law.predict(N_active_model, D_config))
+    pred = float(law.predict(N, seen(D)))
+    pred_cfg = float(law.predict(N_active_model, seen(D_config)))
     ci = ci_cfg = None
     if law.boot is not None:
-        lo, hi = law.predict_interval(np.array([N, N_active_model]), np.array([D, D_config]), level)
+        lo, hi = law.predict_interval(np.array([N, N_active_model]), np.asarray(seen(np.array([D, D_config]))), level)
         ci, ci_cfg = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     a = law.beta / (law.alpha + law.beta)
     return Plan(given=how, compute=C, N=N, D=D, loss=pred, loss_ci=ci, law=law_text, a=a, lr=hp["lr"],
                 batch_tokens=hp["batch_tokens"], lr_N=float(lr_N), moe=moe, seq_len=seq_len, model=shape["model"],
                 N_model=int(N_model), N_active_model=int(N_active_model), config=config, steps=steps,
-                D_config=D_config, loss_config=pred_cfg, loss_config_ci=ci_cfg, notes=notes)
+                D_config=D_config, loss_config=pred_cfg, loss_config_ci=ci_cfg, notes=notes, data=data)
 
 
 def _prune(full: dict, raw: dict) -> dict:

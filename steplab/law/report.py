@@ -48,6 +48,22 @@ def summary_lines(result) -> list[str]:
                              f"predicted {h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, "
                              f"{h['predicted_ci'][1]:.4f}], error {h['rel_err']:+.2%}")
         return lines
+    if getattr(result, "kind", None) == "farseer":
+        q = result.to_dict()
+        lines = [f"Farseer form L = exp(a3 n^g3 + b3) + exp(a2 n^g2 + b2) d^-exp(a1 n^g1 + b1), n = N/{result.N0:.4g}, "
+                 f"d = D/{result.D0:.4g} ({result.n} runs)"]
+        for name in ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3"):
+            ci = q.get(f"{name}_ci")
+            lines.append(f"  {name:<3} {q[name]:.4f}" + (_ci(*ci, ".4f") if ci else ""))
+        Ns = np.geomspace(result.N0 / 4, result.N0 * 4, 3)
+        lines.append("  data exponent beta(N): " + ", ".join(f"{b:.3f} at N={n:.3g}" for n, b in zip(Ns, result.beta_of(Ns))))
+        lines.append(f"  fit quality: RMSE log-loss {result.rmse_log:.4f}, max |rel err| {result.max_rel_err:.2%}, "
+                     f"{result.starts} starts")
+        for h in result.holdout:
+            lines.append(f"    holdout N={h['N']:.3g} D={h['D']:.3g}: measured {h['measured']:.4f}, predicted "
+                         f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
+                         f"error {h['rel_err']:+.2%}")
+        return lines
     if isinstance(result, IsoFLOPFit):
         name = "envelope (min loss per budget)" if result.approach == 1 else "IsoFLOP parabolas"
         return [f"Approach {result.approach}, {name}: {len(result.points)} compute levels",
@@ -193,6 +209,8 @@ def plots_for(table: RunsTable, result, outdir: str | Path) -> list[Path]:
         return [plot_isoflop(table, result, outdir / "isoflop.png")]
     if isinstance(result, HparamFit):
         return [plot_lr_bs_heatmaps(table, result, outdir / "lr_bs_heatmaps.png")]
+    if getattr(result, "kind", None) == "farseer":
+        return [plot_fitted_vs_measured(table, result, outdir / "fitted_vs_measured.png")]
     raise TypeError(f"no plots for {type(result).__name__}")
 
 
