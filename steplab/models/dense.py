@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
-from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU
+from steplab.models.rope import is_dynamic, rope_tables
 
 
 class Block(nn.Module):
@@ -27,8 +28,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions)
+    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -44,7 +45,8 @@ class Step1(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.rope = cfg.rope if cfg.rope.scaling != "none" else None
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, self.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -68,24 +70,44 @@ class Step1(nn.Module):
         """
         B, T = idx.shape
         x = self.tok_emb(idx)
+        mask = None
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
             cos, sin, positions = self.rope_cos[:T], self.rope_sin[:T], None
+            if is_dynamic(self.rope) and T > self.rope.original_max_seq_len:
+                cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_base, self.rope, seq_len=T, device=idx.device)
+            if self.cfg.doc_mask_token >= 0:
+                mask = document_mask(idx, self.cfg.doc_mask_token)
         else:
             slots = torch.arange(B, device=idx.device) if slots is None else slots
             positions = cache.lengths[slots][:, None] + torch.arange(T, device=idx.device)  # (B, T)
             if int(positions.max()) >= min(cache.max_len, self.cfg.max_seq_len):
                 raise ValueError(f"position {int(positions.max())} exceeds the cache/context length {min(cache.max_len, self.cfg.max_seq_len)}")
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            cos, sin = self.rope_cos, self.rope_sin
+            n = int(positions.max()) + 1
+            if is_dynamic(self.rope) and n > self.rope.original_max_seq_len:  # frequencies follow the length so far
+                cos, sin = rope_tables(self.cfg.head_dim, n, self.cfg.rope_base, self.rope, seq_len=n, device=idx.device)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions)
+            x = layer(x, cos, sin, cache, i, slots, positions, mask)
         if cache is not None:
             cache.lengths[slots] += T
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def document_mask(idx: torch.Tensor, start_token: int) -> torch.Tensor | None:
+    """Causal mask that also keeps attention inside each document of a packed row (documents start with
+    ``start_token``); None when no row holds more than one document, so SDPA keeps its causal fast path."""
+    doc = (idx == start_token).cumsum(dim=1)  # (B, T): document index of every position
+    if bool((doc == doc[:, :1]).all()):
+        return None
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 # ---- accounting -----------------------------------------------------------------------------------------
