@@ -12,12 +12,12 @@ from steplab.errors import StepLabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steplab.cli import core, interop, law, serve
+    from steplab.cli import core, extend, interop, law, serve
 
     parser = argparse.ArgumentParser(prog="steplab", description="steplab: predict before you train.")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     sub.required = True
-    for module in (core, law, serve, interop):
+    for module in (core, law, serve, interop, extend):
         module.register(sub)
     return parser
 

@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run")
     p.add_argument("--data", help="prepared dataset (default: the run's own)")
     p.add_argument("--batches", type=int, default=50, help="validation batches (default 50)")
+    from steplab.cli.extend import add_eval_args
+    add_eval_args(p)  # --task passkey --lengths --depths (long-context evals)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run")
@@ -126,6 +128,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from steplab.cli.extend import cmd_eval_passkey, wants_passkey
+
+    if wants_passkey(args):
+        return cmd_eval_passkey(args)
     from steplab.data.loader import iter_eval_batches
     from steplab.data.prepare import load_prepared
     from steplab.eval.evaluate import evaluate, token_byte_lengths

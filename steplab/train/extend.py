@@ -11,8 +11,10 @@ row holds the end of one document and the start of the next: ``model.doc_mask_to
 attention inside each document (a block-diagonal causal mask). An optional share of passkey documents
 (``tasks/passkey.py``, train keys only) teaches retrieval at the new length.
 
-Learning rate and batch (the lab's rules): continued training is a short fine-tune of a converged model, so
-we keep the base run's peak lr scaled by 1/sqrt(s)... see ``extension_hparams`` for the reasoning it prints.
+Learning rate and batch: ``extension_plan`` derives them from the base run and says why (the CLI prints it
+beside Step Law's numbers): the batch keeps the base run's tokens per step (rows shrink as the length grows),
+and the peak lr is the lr the base run annealed to (lr x min_lr_ratio), so continued training neither
+re-heats the converged weights (which costs perplexity at the original length) nor stalls.
 """
 from __future__ import annotations
 
@@ -80,3 +82,113 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return new
+
+
+@dataclass
+class ExtensionPlan:
+    cfg: RunConfig  # the extension run's config (trained by the one trainer)
+    reasoning: list[str]
+
+
+def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: int, data_path: str,
+                   seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None) -> ExtensionPlan:
+    """The config of an extension of ``base_run``: RoPE scaled ``factor``-fold with ``method``, trained ``steps``
+    steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights."""
+    base_run = Path(base_run)
+    config_path = base_run / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{base_run} is not a run directory (no config.json); pass the run to extend")
+    base = RunConfig.from_dict(json.loads(config_path.read_text()))
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if base.model.rope.scaling != "none":
+        raise ConfigError(f"{base_run} already has model.rope.scaling={base.model.rope.scaling}; extend the original run instead")
+    if not factor > 1:
+        raise ConfigError(f"--factor {factor} must be > 1")
+    if steps <= 0:
+        raise ConfigError(f"--steps {steps} must be positive")
+    L = base.model.max_seq_len
+    target = int(round(L * factor))
+    seq_len = seq_len or target
+    cfg = copy.deepcopy(base)
+    m, t = cfg.model, cfg.train
+    m.rope = type(m.rope)(scaling=METHODS[method], factor=float(factor), original_max_seq_len=L)
+    m.max_seq_len = max(target, seq_len)
+    cfg.data.path, cfg.data.seq_len = str(data_path), seq_len
+    base_tokens = base.tokens_per_step
+    rows = batch_size or max(1, round(base_tokens / (seq_len * t.grad_accum)))
+    t.batch_size, t.max_steps, t.init_from = rows, steps, str(base_run.resolve())
+    t.lr = lr or base.train.lr * base.train.min_lr_ratio
+    t.schedule, t.warmup_steps, t.min_lr_ratio = "cosine", max(1, min(20, steps // 10)), 0.1
+    t.eval_every = t.ckpt_every = max(1, min(base.train.ckpt_every, steps // 4 or 1))
+    t.keep_last = max(t.keep_last, 8)
+    m.doc_mask_token = m.doc_mask_token if m.doc_mask_token >= 0 else _bos_id(data_path)
+    reasoning = [
+        f"RoPE: {method} ({m.rope.scaling}) with factor {factor:g} over the trained {L} tokens -> context {m.max_seq_len}; "
+        f"training rows of {seq_len} tokens",
+        f"batch: the base run's {base_tokens:,} tokens per step kept (Step Law's batch depends on D only and the "
+        f"extension adds little D) -> {rows} rows x {seq_len} x {t.grad_accum} accumulation = {rows * seq_len * t.grad_accum:,} tokens",
+        f"lr: {t.lr:.3g}" + (" (given)" if lr else f" = the base's final lr {base.train.lr:.3g} x min_lr_ratio {base.train.min_lr_ratio:g}: "
+                             "the weights are converged at that lr, a higher one re-heats them and costs perplexity at the "
+                             "original length"),
+        f"schedule: {t.warmup_steps} warmup steps, cosine to {t.min_lr_ratio:g} x lr over {steps} steps",
+        f"document masking: attention stays inside documents starting with token {m.doc_mask_token} (<|bos|>)",
+    ]
+    return ExtensionPlan(cfg.validate(), reasoning)
+
+
+def _bos_id(data_path: str) -> int:
+    tok, _, _, _ = load_prepared(data_path)
+    return tok.bos_id
+
+
+MEMORY_PROBE = """
+import json, sys, torch
+from steplab.config import ModelConfig, RopeConfig
+from steplab.models import build_model
+spec = json.loads(sys.argv[1])
+cfg = ModelConfig(**{k: v for k, v in spec["model"].items() if k not in ("rope", "moe")}, rope=RopeConfig(**spec["model"]["rope"]))
+cfg.moe.n_experts = 0
+model = build_model(cfg)
+T, docs = spec["length"], spec["docs"]
+x = torch.randint(10, cfg.vocab_size, (1, T))
+x[0, :: max(1, T // docs)] = max(cfg.doc_mask_token, 0)
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+if torch.cuda.is_available():
+    model, x = model.cuda(), x.cuda()
+    torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+    model(x, x).backward(); torch.cuda.synchronize()
+    print(json.dumps({"bytes": torch.cuda.max_memory_allocated() - before, "where": "cuda"}))
+else:
+    model(x[:, :8], x[:, :8]).backward()  # warm the allocator and kernels
+    model.zero_grad(set_to_none=False)
+    before = rss("VmRSS")
+    model(x, x).backward()
+    print(json.dumps({"bytes": rss("VmHWM") - before, "where": "cpu rss"}))
+"""
+
+
+def measure_peak_memory(cfg, lengths: list[int], *, docs: int = 1) -> dict[int, dict]:
+    """Peak memory of one training forward+backward (batch 1) at each length, each in a fresh process so the
+    high-water mark is this step's alone. ``docs`` > 1 packs that many documents into the row (document mask)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for length in lengths:
+        spec = {"model": dataclasses_asdict(cfg) | {"max_seq_len": max(length, cfg.max_seq_len)}, "length": length, "docs": docs}
+        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(spec)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe at length {length} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out[length] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def dataclasses_asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
