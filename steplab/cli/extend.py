@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=float, help="cap on the long dataset's training tokens")
     p.add_argument("--lr", type=float, help="override the derived peak learning rate")
     p.add_argument("--batch-size", type=int, help="override the derived rows per step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the derived config, e.g. "
+                   "--set train.ckpt_every=25")
     p.add_argument("--memory", default="4,8,16", help="measure peak training memory at these multiples of the trained "
                    "length ('' to skip)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
@@ -49,6 +51,11 @@ def cmd_extend(args) -> int:
     plan = extension_plan(args.run, factor=args.factor, method=args.method, steps=args.steps, data_path=str(data),
                           seq_len=seq_len, lr=args.lr, batch_size=args.batch_size)
     cfg = plan.cfg
+    if args.set:
+        from steplab.config import _deep_update, parse_overrides
+
+        cfg = RunConfig.from_dict(_deep_update(cfg.to_dict(), parse_overrides(args.set))).validate()
+        plan.reasoning.append(f"overrides: {' '.join(args.set)}")
     cfg.model.vocab_size = base.model.vocab_size
     N, D = count_params(cfg.model)["N"], base.train.max_steps * base.tokens_per_step + args.steps * cfg.tokens_per_step
     for line in plan.reasoning:

@@ -2,8 +2,8 @@
 
 A five-digit key is hidden at a chosen depth inside repetitive filler text and asked for at the end:
 
-    <bos> filler ... The pass key is 71432. Remember it. 71432 is the pass key. ... filler
-    What is the pass key? The pass key is 71432
+    <bos> filler ... The pass key: 71432. Remember it. 71432 is the pass key. ... filler
+    What is the pass key? The pass key: 71432
 
 Everything is built in token space so one example is exactly ``length`` tokens whatever the tokenizer:
 the filler, the key sentence and the question are tokenized once each and the filler is cut to fit. The
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-KEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = " What is the pass key? The pass key is"
+# "pass key:" ends both the key sentence and the question, so the token before the key is unique in the text
+# (the filler's many " is" would otherwise compete), as in the "key: value" layout of associative-recall probes.
+KEY_SENTENCE = " The pass key: {key}. Remember it. {key} is the pass key. "
+QUESTION = " What is the pass key? The pass key:"
 KEY_DIGITS = 5
 CHANCE = 1.0 / 10**KEY_DIGITS
 

@@ -19,6 +19,7 @@ re-heats the converged weights (which costs perplexity at the original length) n
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -144,11 +145,11 @@ def _bos_id(data_path: str) -> int:
 
 MEMORY_PROBE = """
 import json, sys, torch
-from steplab.config import ModelConfig, RopeConfig
+from steplab.config import RunConfig
 from steplab.models import build_model
 spec = json.loads(sys.argv[1])
-cfg = ModelConfig(**{k: v for k, v in spec["model"].items() if k not in ("rope", "moe")}, rope=RopeConfig(**spec["model"]["rope"]))
-cfg.moe.n_experts = 0
+torch.manual_seed(0)
+cfg = RunConfig.from_dict({"model": spec["model"]}).model
 model = build_model(cfg)
 T, docs = spec["length"], spec["docs"]
 x = torch.randint(10, cfg.vocab_size, (1, T))
@@ -179,7 +180,7 @@ def measure_peak_memory(cfg, lengths: list[int], *, docs: int = 1) -> dict[int, 
 
     out = {}
     for length in lengths:
-        spec = {"model": dataclasses_asdict(cfg) | {"max_seq_len": max(length, cfg.max_seq_len)}, "length": length, "docs": docs}
+        spec = {"model": dataclasses.asdict(cfg) | {"max_seq_len": max(length, cfg.max_seq_len)}, "length": length, "docs": docs}
         proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(spec)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         if proc.returncode != 0:
@@ -187,8 +188,3 @@ def measure_peak_memory(cfg, lengths: list[int], *, docs: int = 1) -> dict[int, 
         out[length] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
-
-def dataclasses_asdict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
