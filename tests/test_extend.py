@@ -99,6 +99,16 @@ def test_extend_trains_through_the_trainer_and_resumes_exactly(base_run, tmp_pat
     assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == reference
     _, again, _, _ = load_run(out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # Export keeps the scaling in the keys transformers reads, and import reads it back.
+    assert main(["export", "hf", str(out), str(tmp_path / "hf")]) == 0
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["rope_parameters"]["rope_type"] == "yarn" and hf_cfg["rope_parameters"]["factor"] == 2.0
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, imported, _, _ = load_run(tmp_path / "back")
+    assert back.model.rope.scaling == "yarn" and back.model.rope.original_max_seq_len == 64 and back.model.max_seq_len == 128
+    ids = torch.randint(10, 300, (1, 128))
+    with torch.no_grad():
+        assert torch.equal(model(ids), imported(ids))
 
 
 def test_eval_passkey_writes_heatmap_and_position_perplexity(base_run, tmp_path, capsys):
