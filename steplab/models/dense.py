@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions, mask)
+    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None, segments=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions, segments)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -70,7 +70,7 @@ class Step1(nn.Module):
         """
         B, T = idx.shape
         x = self.tok_emb(idx)
-        mask = None
+        segments = None
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -78,7 +78,7 @@ class Step1(nn.Module):
             if is_dynamic(self.rope) and T > self.rope.original_max_seq_len:
                 cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_base, self.rope, seq_len=T, device=idx.device)
             if self.cfg.doc_mask_token >= 0:
-                mask = document_mask(idx, self.cfg.doc_mask_token)
+                segments = document_segments(idx, self.cfg.doc_mask_token)
         else:
             slots = torch.arange(B, device=idx.device) if slots is None else slots
             positions = cache.lengths[slots][:, None] + torch.arange(T, device=idx.device)  # (B, T)
@@ -90,7 +90,7 @@ class Step1(nn.Module):
                 cos, sin = rope_tables(self.cfg.head_dim, n, self.cfg.rope_base, self.rope, seq_len=n, device=idx.device)
             cos, sin = cos[positions][:, None], sin[positions][:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions, mask)
+            x = layer(x, cos, sin, cache, i, slots, positions, segments)
         if cache is not None:
             cache.lengths[slots] += T
         logits = self.lm_head(self.norm(x))
@@ -99,15 +99,17 @@ class Step1(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
-def document_mask(idx: torch.Tensor, start_token: int) -> torch.Tensor | None:
-    """Causal mask that also keeps attention inside each document of a packed row (documents start with
-    ``start_token``); None when no row holds more than one document, so SDPA keeps its causal fast path."""
-    doc = (idx == start_token).cumsum(dim=1)  # (B, T): document index of every position
-    if bool((doc == doc[:, :1]).all()):
+def document_segments(idx: torch.Tensor, start_token: int) -> list[list[tuple[int, int]]] | None:
+    """Per row, the [start, end) spans of the documents packed in it (a document starts at ``start_token``);
+    None when no row holds more than one document, so attention keeps its plain causal path."""
+    starts = (idx[:, 1:] == start_token).nonzero().tolist()  # (row, position - 1) of every inner document start
+    if not starts:
         return None
     T = idx.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    cuts: list[list[int]] = [[0] for _ in range(idx.shape[0])]
+    for row, pos in starts:
+        cuts[row].append(pos + 1)
+    return [[(a, b) for a, b in zip(c, c[1:] + [T])] for c in cuts]
 
 
 # ---- accounting -----------------------------------------------------------------------------------------
