@@ -2,7 +2,7 @@
 
 A five-digit key is hidden at a chosen depth inside repetitive filler text and asked for at the end:
 
-    <bos> filler ... The pass key: 71432. Remember it. 71432 is the pass key. ... filler
+    <bos> filler ... The pass key: 71432. Remember it. Remember it. 71432 is the pass key. ... filler
     What is the pass key? The pass key: 71432
 
 Everything is built in token space so one example is exactly ``length`` tokens whatever the tokenizer:
@@ -26,7 +26,10 @@ import torch
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # "pass key:" ends both the key sentence and the question, so the token before the key is unique in the text
 # (the filler's many " is" would otherwise compete), as in the "key: value" layout of associative-recall probes.
-KEY_SENTENCE = " The pass key: {key}. Remember it. {key} is the pass key. "
+# The key is repeated after 0-3 "Remember it." (chosen by the key): a varying gap, so the repeat can only be
+# predicted by content (an induction head, which the answer needs) and not by a fixed position offset.
+KEY_SENTENCE = " The pass key: {key}.{gap} {key} is the pass key. "
+GAP = " Remember it."
 QUESTION = " What is the pass key? The pass key:"
 KEY_DIGITS = 5
 CHANCE = 1.0 / 10**KEY_DIGITS
@@ -61,7 +64,7 @@ class Passkey:
         self.question = tokenizer.encode(QUESTION)
 
     def min_length(self) -> int:
-        key = self.tok.encode(KEY_SENTENCE.format(key=10**KEY_DIGITS - 1))
+        key = self.tok.encode(KEY_SENTENCE.format(key=10**KEY_DIGITS - 1, gap=GAP * 3))
         return 1 + len(key) + len(self.question) + len(self.tok.encode(" 99999")) + 8
 
     def example(self, length: int, depth: float, key: int) -> Example:
@@ -70,7 +73,7 @@ class Passkey:
             raise ValueError(f"passkey length {length} is too short; the smallest is {self.min_length()} tokens")
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"passkey depth {depth} is outside 0..1")
-        key_ids = self.tok.encode(KEY_SENTENCE.format(key=key))
+        key_ids = self.tok.encode(KEY_SENTENCE.format(key=key, gap=GAP * (key % 4)))
         answer = self.tok.encode(f" {key}")
         n_filler = length - 1 - len(key_ids) - len(self.question) - len(answer)
         filler = (self.filler * (n_filler // len(self.filler) + 1))[:n_filler]
