@@ -36,6 +36,20 @@ class MoEConfig:
 
 
 @dataclass
+class RopeConfig:
+    """RoPE context scaling (see models/rope.py); ``scaling="none"`` is plain RoPE and ignores the rest."""
+
+    scaling: str = "none"  # none | linear (position interpolation) | dynamic (NTK) | yarn | llama3
+    factor: float = 1.0  # s: the context grows s-fold over original_max_seq_len
+    original_max_seq_len: int = 0  # the context the weights were trained at; 0: model.max_seq_len
+    beta_fast: float = 32.0  # yarn: dims rotating more than this often over the original context are kept
+    beta_slow: float = 1.0  # yarn: dims rotating less than this often are interpolated by 1/s
+    attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0: 0.1 ln s + 1 (the paper's temperature)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+
+@dataclass
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
@@ -51,8 +65,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    doc_mask_token: int = -1  # >= 0: in training, attention stays inside the documents this token starts
 
     def __post_init__(self) -> None:
+        if self.rope.scaling != "none" and self.rope.original_max_seq_len == 0:
+            self.rope.original_max_seq_len = self.max_seq_len
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.d_ff == 0:
@@ -136,6 +154,7 @@ class RunConfig:
         for name in ("d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
             if getattr(m, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+        _validate_rope(m)
         for name in ("batch_size", "grad_accum", "max_steps"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -147,6 +166,23 @@ class RunConfig:
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
         return self
+
+
+def _validate_rope(m: ModelConfig) -> None:
+    r = m.rope
+    _choice("model.rope.scaling", r.scaling, ("none", "linear", "dynamic", "yarn", "llama3"))
+    if r.scaling == "none":
+        return
+    if not r.factor >= 1:
+        raise ConfigError(f"model.rope.factor={r.factor} must be >= 1 (it is how many times longer the context gets)")
+    if r.original_max_seq_len <= 0 or r.original_max_seq_len > m.max_seq_len:
+        raise ConfigError(f"model.rope.original_max_seq_len={r.original_max_seq_len} must be in 1..model.max_seq_len={m.max_seq_len}")
+    if r.scaling == "yarn" and not r.beta_fast > r.beta_slow > 0:
+        raise ConfigError(f"model.rope: yarn needs beta_fast > beta_slow > 0, got {r.beta_fast} and {r.beta_slow}")
+    if r.scaling == "yarn" and r.attention_factor < 0:
+        raise ConfigError(f"model.rope.attention_factor={r.attention_factor} must be >= 0 (0: 0.1 ln s + 1)")
+    if r.scaling == "llama3" and not r.high_freq_factor > r.low_freq_factor > 0:
+        raise ConfigError(f"model.rope: llama3 needs high_freq_factor > low_freq_factor > 0, got {r.high_freq_factor} and {r.low_freq_factor}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -25,10 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"],
                    help="compute dtype (default: fp32 for --task/--suite/--lm-eval, the run's train dtype for the loss)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    from steplab.cli.extend import add_eval_args
+    add_eval_args(p)  # --lengths --depths --keys --report for --task passkey (long-context evals)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    from steplab.cli.extend import cmd_eval_passkey, wants_passkey
+
+    if wants_passkey(args):
+        return cmd_eval_passkey(args)
     if args.task == ["list"]:
         from steplab.tasks import get_task, task_names
 

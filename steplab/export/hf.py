@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from steplab.config import ModelConfig
 from steplab.errors import CheckpointError
+from steplab.models.rope import hf_rope_fields, rope_from_hf
 
 
 def llama_config_dict(cfg: ModelConfig) -> dict:
@@ -31,9 +32,8 @@ def llama_config_dict(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_base,
+        **hf_rope_fields(cfg),  # rope_theta, rope_parameters, rope_scaling, max_position_embeddings
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -137,7 +137,7 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
 def import_hf(hf_dir, out_run) -> Path:
     """Turn a Llama-architecture Hugging Face directory into a steplab run directory (weights-only checkpoint
     at step 0), ready for ``steplab train --set train.init_from=OUT`` to continue training."""
-    from steplab.config import ModelConfig, RunConfig
+    from steplab.config import ModelConfig, RopeConfig, RunConfig
     from steplab.data.tokenizer import Tokenizer
 
     hf_dir, out = Path(hf_dir), Path(out_run)
@@ -150,12 +150,14 @@ def import_hf(hf_dir, out_run) -> Path:
     for key, want in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, want) != want:
             raise CheckpointError(f"{config_path}: {key}={hf[key]!r} is not supported (steplab's Step-1 needs {want!r})")
-    if hf.get("rope_scaling"):
-        raise CheckpointError(f"{config_path}: rope_scaling={hf['rope_scaling']!r} is not supported yet")
+    try:
+        rope, max_len, rope_base = rope_from_hf(hf, str(config_path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     heads = hf["num_attention_heads"]
     model = ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
                         n_kv_head=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
-                        max_seq_len=hf.get("max_position_embeddings", 2048), rope_base=float(hf.get("rope_theta", 10000.0)),
+                        max_seq_len=max_len, rope_base=rope_base, rope=RopeConfig(**rope),
                         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if hf.get("head_dim", model.head_dim) != model.head_dim:
         raise CheckpointError(f"{config_path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")

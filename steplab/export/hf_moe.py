@@ -37,10 +37,12 @@ def glm4_moe_config(cfg: ModelConfig) -> dict:
     m = cfg.moe
     config = llama_config_dict(cfg)
     config.pop("rope_theta")
+    if config.get("rope_scaling"):  # transformers prefers rope_scaling when present: it must say the same
+        config["rope_scaling"] = dict(config["rope_scaling"], partial_rotary_factor=1.0)
     config.update({
         "architectures": ["Glm4MoeForCausalLM"],
         "model_type": "glm4_moe",
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base, "partial_rotary_factor": 1.0},
+        "rope_parameters": dict(config["rope_parameters"], partial_rotary_factor=1.0),
         "moe_intermediate_size": m.d_expert or cfg.d_ff,
         "n_routed_experts": m.n_experts,
         "num_experts_per_tok": m.top_k,

@@ -221,17 +221,29 @@ class Engine:
     """Continuous-batching generation for one model (serve several models with one engine each)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model", max_batch: int = 8,
-                 max_queue: int = 64, prefill_chunk: int = 512, max_len: int | None = None):
+                 max_queue: int = 64, prefill_chunk: int = 512, max_len: int | None = None,
+                 kv_budget_bytes: int | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         param = next(model.parameters())
         self.device = param.device
         self.vocab_size = model.cfg.vocab_size
         self.context_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        # KV-fit admission: the cache is reserved up front, one full-context row per slot, so a request admitted
+        # into a slot can never run out of KV memory mid-generation. With a memory budget, the slots are as
+        # many full-context rows as fit in it; a request that cannot fit in a row is refused (400, see
+        # validate), one that finds no free row waits, and a full queue is refused (503).
+        self.kv_bytes_per_slot = kv_cache_bytes(model.cfg, self.context_len, param.dtype)
+        if kv_budget_bytes is not None:
+            fit = int(kv_budget_bytes // self.kv_bytes_per_slot)
+            if fit < 1:
+                raise EngineError(f"the KV cache of one {self.context_len}-token sequence needs {self.kv_bytes_per_slot / 2**20:.1f} MiB "
+                                  f"but the budget is {kv_budget_bytes / 2**20:.1f} MiB; raise the budget or serve a shorter context")
+            max_batch = min(max_batch, fit)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache = KVCache(model.cfg, max_batch, self.context_len, device=self.device, dtype=param.dtype)
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self._waiting: deque[Handle] = deque()
@@ -550,6 +562,11 @@ def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
     else:
         tops = [[] for _ in targets]
     return [Logprob(t, lp, alt) for t, lp, alt in zip(targets, chosen, tops)]
+
+
+def kv_cache_bytes(cfg, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of keys + values for one sequence of ``tokens`` positions."""
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
 
 
 # the prompt helpers used to live here; kept importable from this module

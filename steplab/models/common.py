@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
+from steplab.models.rope import rope_tables  # noqa: F401  (RoPE and its scalings live in rope.py)
 
 
 class RMSNorm(nn.Module):
@@ -23,14 +24,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like Llama, then return in the input dtype.
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
-def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (max_len, head_dim), the frequencies repeated twice (the rotate-half layout)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,7 +63,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, slots=None, positions=None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, slots=None, positions=None, segments=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -79,7 +72,7 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the matmul dtype (bf16 under autocast): half the bytes
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = self._sdpa(q, k, v, mask=None)
+            y = self._sdpa(q, k, v, mask=None) if segments is None else self._sdpa_segments(q, k, v, segments)
         else:
             # Write this step's keys/values at each row's own positions, then attend over the filled prefix.
             rows = slots[:, None]
@@ -90,6 +83,14 @@ class Attention(nn.Module):
             mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
             y = self._sdpa(q, keys, values, mask=mask[:, None])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa_segments(self, q, k, v, segments):
+        """Document masking in packed rows: causal attention inside each [start, end) segment of each row, one
+        SDPA call per document, so memory stays linear in length (no T x T mask) and cross-document blocks
+        are never computed."""
+        rows = [torch.cat([self._sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], mask=None)
+                           for s, e in row], dim=2) for b, row in enumerate(segments)]
+        return torch.cat(rows, dim=0)
 
     def _sdpa(self, q, k, v, mask):
         if self.n_kv_head != self.n_head:

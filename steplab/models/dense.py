@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
-from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU
+from steplab.models.rope import is_dynamic, rope_tables
 
 
 class Block(nn.Module):
@@ -27,8 +28,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions)
+    def forward(self, x, cos, sin, cache=None, layer=0, slots=None, positions=None, segments=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, positions, segments)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -44,7 +45,8 @@ class Step1(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.rope = cfg.rope if cfg.rope.scaling != "none" else None
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, self.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -68,24 +70,46 @@ class Step1(nn.Module):
         """
         B, T = idx.shape
         x = self.tok_emb(idx)
+        segments = None
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
             cos, sin, positions = self.rope_cos[:T], self.rope_sin[:T], None
+            if is_dynamic(self.rope) and T > self.rope.original_max_seq_len:
+                cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_base, self.rope, seq_len=T, device=idx.device)
+            if self.cfg.doc_mask_token >= 0:
+                segments = document_segments(idx, self.cfg.doc_mask_token)
         else:
             slots = torch.arange(B, device=idx.device) if slots is None else slots
             positions = cache.lengths[slots][:, None] + torch.arange(T, device=idx.device)  # (B, T)
             if int(positions.max()) >= min(cache.max_len, self.cfg.max_seq_len):
                 raise ValueError(f"position {int(positions.max())} exceeds the cache/context length {min(cache.max_len, self.cfg.max_seq_len)}")
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            cos, sin = self.rope_cos, self.rope_sin
+            n = int(positions.max()) + 1
+            if is_dynamic(self.rope) and n > self.rope.original_max_seq_len:  # frequencies follow the length so far
+                cos, sin = rope_tables(self.cfg.head_dim, n, self.cfg.rope_base, self.rope, seq_len=n, device=idx.device)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions)
+            x = layer(x, cos, sin, cache, i, slots, positions, segments)
         if cache is not None:
             cache.lengths[slots] += T
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def document_segments(idx: torch.Tensor, start_token: int) -> list[list[tuple[int, int]]] | None:
+    """Per row, the [start, end) spans of the documents packed in it (a document starts at ``start_token``);
+    None when no row holds more than one document, so attention keeps its plain causal path."""
+    starts = (idx[:, 1:] == start_token).nonzero().tolist()  # (row, position - 1) of every inner document start
+    if not starts:
+        return None
+    T = idx.shape[1]
+    cuts: list[list[int]] = [[0] for _ in range(idx.shape[0])]
+    for row, pos in starts:
+        cuts[row].append(pos + 1)
+    return [[(a, b) for a, b in zip(c, c[1:] + [T])] for c in cuts]
 
 
 # ---- accounting -----------------------------------------------------------------------------------------
