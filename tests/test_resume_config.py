@@ -34,7 +34,9 @@ def test_resume_with_changed_training_config_is_refused_naming_each_field(run4, 
     for field in ("train.lr (0.003 -> 0.001)", "train.batch_size (4 -> 8)", "train.seed (0 -> 1)"):
         assert field in msg
     assert (run4 / "config.json").read_text() == saved  # nothing overwritten
-    other = tiny_data.parent / "other_data"
+    other = tiny_data.parent / "other_data"  # the same dataset under another name: still a different data.path
+    if not other.exists():
+        other.symlink_to(tiny_data, target_is_directory=True)
     cfg = resolve(overrides=tiny_overrides(tiny_data, steps=4) + [f"data.path={other}"])
     with pytest.raises(ConfigError, match="data.path"):
         train(cfg, run4, resume=True, progress=False)
