@@ -23,8 +23,8 @@ from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
 from steplab.models import build_model, count_params, flops_per_token
-from steplab.train.distributed import (barrier, init_distributed, mean_across_ranks, sync_router_load, uses_autocast,
-                                       wrap_model)
+from steplab.train.distributed import (barrier, grad_sync, init_distributed, mean_across_ranks, sync_step_stats,
+                                       uses_autocast, wrap_model)
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
@@ -174,12 +174,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, extra_stats = 0.0, {}
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = loader.next_batch()  # the global batch; this rank trains on its rows
             x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
-            with autocast_context(device_type, "bf16" if autocast else "fp32"):
-                loss = step_fn(x, y)
-            (loss / tc.grad_accum).backward()
+            with grad_sync(train_module, micro == tc.grad_accum - 1):
+                with autocast_context(device_type, "bf16" if autocast else "fp32"):
+                    loss = step_fn(x, y)
+                (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = mean_across_ranks(loss_sum / tc.grad_accum, info)
         grad_norm = clip_gradients(model, tc.grad_clip)
@@ -193,16 +194,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                                     f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. "
                                     f"Lower train.lr, or set train.nan_policy=skip")
             skipped += 1
-            if hasattr(model, "discard_router_stats"):  # MoE: the skipped step's expert counts must not move the bias
-                model.discard_router_stats()
+            model.discard_step_stats()  # e.g. MoE: the skipped step's expert counts must not move the bias
             if log:
                 log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if hasattr(model, "after_optimizer_step"):  # e.g. MoE router-bias balancing; returns stats to log
-                sync_router_load(model, info)
-                extra_stats = model.after_optimizer_step() or {}
+            sync_step_stats(model, info)
+            extra_stats = model.after_optimizer_step()  # e.g. MoE router-bias balancing; returns stats to log
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
