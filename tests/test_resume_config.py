@@ -83,3 +83,15 @@ def test_init_from_branches_with_or_without_the_optimizer_state(run4, tiny_data)
     init_from_run(model, run4, opt)
     moments = [(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"]) for p, q in zip(model.parameters(), ref_model.parameters())]
     assert moments and all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in moments)
+
+
+def test_init_from_refuses_a_dataset_with_another_tokenizer(run4, tiny_data, tmp_path):
+    from steplab.data.prepare import prepare_data
+
+    other = tmp_path / "other"
+    prepare_data("stdlib", other, vocab_size=300, max_bytes=100_000, progress=False)
+    cfg = resolve(overrides=tiny_overrides(other, steps=2) + [f"train.init_from={run4}"])
+    with pytest.raises(ConfigError, match=r"another tokenizer than train.init_from=.*steplab data prepare --tokenizer"):
+        train(cfg, tmp_path / "branch", progress=False)
+    # the same tokenizer (the dataset the source was trained on) is accepted
+    train(resolve(overrides=tiny_overrides(tiny_data, steps=2) + [f"train.init_from={run4}"]), tmp_path / "ok", progress=False)

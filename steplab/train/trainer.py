@@ -90,6 +90,20 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: 
     return changes
 
 
+def check_same_tokenizer(tokenizer, source: Path, data_path: str) -> None:
+    """Weights learned with one tokenizer mean nothing under another: the dataset's tokenizer must be the
+    one ``init_from``'s run (or import) was made with."""
+    from steplab.data.tokenizer import Tokenizer
+
+    theirs = source / "tokenizer"
+    if not (theirs / "tokenizer.json").is_file():
+        raise ConfigError(f"train.init_from={source} has no tokenizer/tokenizer.json; pass a run directory made by "
+                          "`steplab train` or `steplab import hf`")
+    if Tokenizer.load(theirs) != tokenizer:
+        raise ConfigError(f"the dataset {data_path} was tokenized with another tokenizer than train.init_from={source}; "
+                          f"prepare the data with its tokenizer: steplab data prepare --tokenizer {theirs} ...")
+
+
 def init_from_run(model: torch.nn.Module, source: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Branch: start from another run's latest weights; given the (already wrapped) model's ``optimizer``, take
     that run's AdamW state too, as a resume does (this run's step, schedule and data order still start at 0)."""
@@ -136,6 +150,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     model = build_model(cfg.model).to(device)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if tc.init_from and ckpt is None:
+        check_same_tokenizer(tokenizer, Path(tc.init_from), cfg.data.path)
         init_from_run(model, Path(tc.init_from))
     train_module = wrap_model(model, info, tc.dtype, device_type)
     optimizer = build_optimizer(model, tc, device_type)
