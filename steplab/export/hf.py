@@ -170,12 +170,17 @@ def import_hf(hf_dir, out_run) -> Path:
     for key, want in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, want) != want:
             raise CheckpointError(f"{config_path}: {key}={hf[key]!r} is not supported (steplab's Step-1 needs {want!r})")
-    if hf.get("rope_scaling"):
-        raise CheckpointError(f"{config_path}: rope_scaling={hf['rope_scaling']!r} is not supported yet")
+    # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older versions rope_theta (+ rope_scaling)
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise CheckpointError(f"{config_path}: RoPE scaling {scaling!r} is not supported by steplab's Step-1 yet; "
+                              "import a checkpoint without rope scaling")
+    rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     heads = hf["num_attention_heads"]
     model = ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
                         n_kv_head=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
-                        max_seq_len=hf.get("max_position_embeddings", 2048), rope_base=float(hf.get("rope_theta", 10000.0)),
+                        max_seq_len=hf.get("max_position_embeddings", 2048), rope_base=rope_theta,
                         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if hf.get("head_dim", model.head_dim) != model.head_dim:
         raise CheckpointError(f"{config_path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
