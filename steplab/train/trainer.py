@@ -99,9 +99,17 @@ def check_same_tokenizer(tokenizer, source: Path, data_path: str) -> None:
     if not (theirs / "tokenizer.json").is_file():
         raise ConfigError(f"train.init_from={source} has no tokenizer/tokenizer.json; pass a run directory made by "
                           "`steplab train` or `steplab import hf`")
-    if Tokenizer.load(theirs) != tokenizer:
+    if _encoding(Tokenizer.load(theirs)) != _encoding(tokenizer):
         raise ConfigError(f"the dataset {data_path} was tokenized with another tokenizer than train.init_from={source}; "
                           f"prepare the data with its tokenizer: steplab data prepare --tokenizer {theirs} ...")
+
+
+def _encoding(tokenizer) -> dict:
+    """What decides text -> ids: the whole tokenizer.json except the post-processor (which only adds BOS on a
+    default call; an exported or imported tokenizer has one, steplab encodes without it)."""
+    spec = json.loads(tokenizer._tok.to_str())
+    spec.pop("post_processor", None)
+    return spec
 
 
 def init_from_run(model: torch.nn.Module, source: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
