@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from steplab.config import CHOICES, RANGES, RunConfig, check_ranges, config_fields, resolve
@@ -64,7 +64,7 @@ def inside(draw):
                                                                             exclude_max=r.hi_open, allow_nan=False))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(outside())
 def test_out_of_range_values_are_refused_naming_field_and_range(case):
     path, value = case
@@ -76,7 +76,7 @@ def test_out_of_range_values_are_refused_naming_field_and_range(case):
         assert str(RANGES[path]) in msg
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(inside())
 def test_in_range_values_pass_the_range_check(case):
     path, value = case
