@@ -18,7 +18,8 @@ import torch
 
 from steplab.config import ModelConfig
 from steplab.export.hf import llama_config_dict, to_hf_state_dict
-from steplab.models.dense import Step1, count_params, flops_per_token
+from steplab.models import count_params, flops_per_token
+from steplab.models.dense import Step1
 from steplab.train.metrics import measure_matmul_flops
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,7 @@ class TrainConfig:
     # optimizer state, data position and step, as a resume would; a WSD decay branch of a sweep starts this way.
     init_state: bool = False
     ckpt_at: str = ""  # extra checkpoint steps, comma-separated ("80,160"): kept apart from keep_last (branch points)
+    init_optimizer: bool = False  # with init_from: also take that run's optimizer state (AdamW moments)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class RunConfig:
         return _build(cls, d, prefix="")
 
     def validate(self, *, special_tokens: int = N_SPECIAL_TOKENS) -> "RunConfig":
+        check_ranges(self)
         m, t = self.model, self.train
         if m.d_model % m.n_head:
             raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick heads that divide it")
@@ -151,30 +154,14 @@ class RunConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than 256 bytes + {special_tokens} special tokens = {256 + special_tokens}")
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
-        for name in ("d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
-            if getattr(m, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
         _validate_rope(m)
-        for name in ("batch_size", "grad_accum", "max_steps"):
-            if getattr(t, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-        if not t.lr > 0:
-            raise ConfigError(f"train.lr must be positive, got {t.lr}")
-        _choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
-        _choice("train.dtype", t.dtype, ("bf16", "fp32"))
-        _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
-        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
         return self
 
 
 def _validate_rope(m: ModelConfig) -> None:
-    r = m.rope
-    _choice("model.rope.scaling", r.scaling, ("none", "linear", "dynamic", "yarn", "llama3"))
+    r = m.rope  # field ranges and the scaling name are checked by check_ranges; here: how the fields relate
     if r.scaling == "none":
         return
-    if not r.factor >= 1:
-        raise ConfigError(f"model.rope.factor={r.factor} must be >= 1 (it is how many times longer the context gets)")
     if r.original_max_seq_len <= 0 or r.original_max_seq_len > m.max_seq_len:
         raise ConfigError(f"model.rope.original_max_seq_len={r.original_max_seq_len} must be in 1..model.max_seq_len={m.max_seq_len}")
     if r.scaling == "yarn" and not r.beta_fast > r.beta_slow > 0:
@@ -185,9 +172,99 @@ def _validate_rope(m: ModelConfig) -> None:
         raise ConfigError(f"model.rope: llama3 needs high_freq_factor > low_freq_factor > 0, got {r.high_freq_factor} and {r.low_freq_factor}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric field's valid values: ``lo``..``hi`` (None: unbounded), each end closed unless marked open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else _number(self.lo)
+        hi = "inf" if self.hi is None else _number(self.hi)
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT = Range(0), Range(1), Range(0, lo_open=True), Range(0, 1)
+# Every numeric field's valid range; 0 is valid where it means something (a default taken from elsewhere, "off",
+# "keep all"). Strings with a fixed vocabulary are in CHOICES; booleans and free strings (paths) need neither.
+# tests/test_config_validation.py fails for a field that is in neither table, so new fields must declare one.
+RANGES: dict[str, Range] = {
+    "model.vocab_size": AT_LEAST_0,  # 0: the dataset tokenizer's size
+    "model.d_model": AT_LEAST_1, "model.n_layer": AT_LEAST_1, "model.n_head": AT_LEAST_1,
+    "model.n_kv_head": AT_LEAST_0,  # 0: n_head (becomes n_head when the config is built)
+    "model.d_ff": AT_LEAST_0,  # 0: the SwiGLU default (likewise)
+    "model.max_seq_len": AT_LEAST_1,
+    "model.rope_base": Range(1, lo_open=True),  # base^(-2i/d): a base <= 1 gives no decaying frequencies
+    "model.norm_eps": Range(0, 1, lo_open=True), "model.init_std": POSITIVE,
+    "model.doc_mask_token": Range(-1),  # -1: off (plain causal attention over the packed row)
+    "model.rope.factor": Range(1), "model.rope.original_max_seq_len": AT_LEAST_0,  # 0: model.max_seq_len
+    "model.rope.beta_fast": POSITIVE, "model.rope.beta_slow": POSITIVE,
+    "model.rope.attention_factor": AT_LEAST_0,  # 0: yarn's 0.1 ln s + 1
+    "model.rope.low_freq_factor": POSITIVE, "model.rope.high_freq_factor": POSITIVE,
+    "model.moe.n_experts": AT_LEAST_0,  # 0: dense (Step-1)
+    "model.moe.top_k": AT_LEAST_1, "model.moe.n_shared": AT_LEAST_0,
+    "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
+    "model.moe.first_dense": AT_LEAST_0, "model.moe.every": AT_LEAST_1,
+    "model.moe.bias_update_rate": AT_LEAST_0, "model.moe.aux_loss_coef": AT_LEAST_0, "model.moe.z_loss_coef": AT_LEAST_0,
+    "data.seq_len": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
+    "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
+    "train.weight_decay": AT_LEAST_0, "train.beta1": Range(0, 1, hi_open=True), "train.beta2": Range(0, 1, hi_open=True),
+    "train.grad_clip": AT_LEAST_0,  # 0: no clipping
+    "train.eval_every": AT_LEAST_1, "train.eval_batches": AT_LEAST_1, "train.ckpt_every": AT_LEAST_1,
+    "train.keep_last": AT_LEAST_0,  # 0: keep every checkpoint
+    "train.log_every": AT_LEAST_1, "train.seed": Range(0, 2**63 - 1),
+    "train.threads": AT_LEAST_0,  # 0: torch's default
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.moe.score": ("softmax", "sigmoid"), "model.rope.scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
+    "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
+    "train.nan_policy": ("stop", "skip"), "train.device": ("auto", "cpu", "cuda"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp"),
+}
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def config_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every leaf field of a config dataclass, nested sections flattened."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_fields(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
+def check_ranges(cfg: Any) -> None:
+    """One-line ConfigError for the first field outside its declared range (NaN and infinities included)."""
+    for path, value in config_fields(cfg):
+        if path in RANGES and not isinstance(value, bool) and isinstance(value, (int, float)):
+            r = RANGES[path]
+            if value not in r:
+                kind = "an integer" if isinstance(value, int) else "a finite number"
+                raise ConfigError(f"{path}={value!r} is out of range: it must be {kind} in {r}; fix it in the config or --set")
+        elif path in CHOICES:
+            _choice(path, value, CHOICES[path])
 
 
 # Presets: Step-family names with a size. N is Step Law's non-embedding count (see models/dense.py).

@@ -80,3 +80,21 @@ def test_moe_under_fsdp_matches_single_process(tiny_data, tmp_path):
     _, b, _, _ = load_run(tmp_path / "single")
     for (_, x), (_, y) in zip(a.moe_layers(), b.moe_layers()):
         assert x.expert_bias.abs().sum() > 0 and torch.allclose(x.expert_bias, y.expert_bias)
+
+
+def test_moe_under_ddp_with_gradient_accumulation_matches_single_process(tiny_data, tmp_path):
+    # Under DDP's default broadcast_buffers=True, rank 0's expert counts overwrote the others' at every
+    # micro-batch: the loads summed over ranks then differed from the single process's.
+    moe = ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.n_shared=1", "model.moe.d_expert=32",
+           "model.moe.bias_update_rate=0.01", "train.grad_accum=2"]
+    torchrun(tiny_data, tmp_path / "ddp", "ddp", *[f"--set={m}" for m in moe])
+    train(resolve(overrides=overrides(tiny_data) + moe), tmp_path / "single", progress=False)
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    load_stats = [[{k: v for k, v in r.items() if k.endswith(("load_max_mean", "entropy"))}
+                   for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (tmp_path / "ddp", tmp_path / "single")]
+    assert load_stats[0][0] and load_stats[0] == load_stats[1]  # the expert loads, step by step
+    from steplab.train.checkpoint import load_run
+    _, a, _, _ = load_run(tmp_path / "ddp")
+    _, b, _, _ = load_run(tmp_path / "single")
+    for (_, x), (_, y) in zip(a.moe_layers(), b.moe_layers()):
+        assert x.expert_bias.abs().sum() > 0 and torch.equal(x.expert_bias, y.expert_bias)

@@ -8,7 +8,8 @@ from steplab.config import ModelConfig
 from steplab.export.hf import from_hf_state_dict, llama_config_dict, to_hf_state_dict
 from steplab.infer.sampling import SamplingParams, filter_logits, generate
 from steplab.models.common import KVCache
-from steplab.models.dense import Step1, count_params, flops_per_token
+from steplab.models import count_params, flops_per_token
+from steplab.models.dense import Step1
 
 
 def small_cfg(**kw) -> ModelConfig:

@@ -56,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. --set train.lr=1e-3")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the saved one (recorded in metrics and report)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: data parallel or FSDP2 sharding (default fsdp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -128,7 +130,7 @@ def cmd_train(args) -> int:
             args.config = str(saved)
     cfg = resolve(args.preset, args.config, overrides)
     t0 = time.time()
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, allow_config_change=args.allow_config_change)
     print(f"val loss {summary['val_loss']:.4f}, bits/byte {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}, wall {time.time() - t0:.1f} s -> {args.out}")
     return 0

@@ -131,7 +131,27 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         for name in TOKENIZER_FILES:
             shutil.copy(Path(run_dir) / "tokenizer" / name, tmp / name)
+        add_bos_by_default(tmp, tokenizer.bos_id)
     return out
+
+
+def add_bos_by_default(tok_dir: Path, bos_id: int) -> None:
+    """Make the exported tokenizer's default call prepend BOS, as every training document and ``steplab sample``
+    do (and as Llama's tokenizers do): ``AutoTokenizer(...)(text)`` then gives the ids the model was trained
+    on. A TemplateProcessing post-processor in tokenizer.json does it for any loader of that file;
+    ``add_bos_token`` in tokenizer_config.json says so. Chat templates render their own BOS and are tokenized
+    by transformers without special tokens, so chats do not get a second one."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+
+    hf = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    bos = hf.id_to_token(bos_id)
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos} $B:1",
+                                                      special_tokens=[(bos, bos_id)])
+    hf.save(str(tok_dir / "tokenizer.json"))
+    config_path = tok_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["add_bos_token"] = True
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def import_hf(hf_dir, out_run) -> Path:

@@ -113,3 +113,10 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.d_ff, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Weights of one attention layer: q and o are d x d, k and v d x (n_kv_head * head_dim) each (GQA counted
+    as it is; 4 d^2, Step Law's count, when n_kv_head == n_head)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    return 2 * d * (cfg.n_head * hd) + 2 * d * (cfg.n_kv_head * hd)

@@ -1,4 +1,5 @@
-"""Step-1: the dense decoder. Reads top to bottom: config -> block -> model -> accounting.
+"""Step-1: the dense decoder. Reads top to bottom: config -> block -> model -> accounting
+(FLOPs per token for every family: ``steplab.models.flops_per_token``).
 
 Layout (identical to Llama): token embedding -> n_layer x [RMSNorm -> GQA attention with RoPE -> residual,
 RMSNorm -> SwiGLU -> residual] -> RMSNorm -> lm_head (optionally tied to the embedding).
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
-from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU
+from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, attention_params
 from steplab.models.rope import is_dynamic, rope_tables
 
 
@@ -98,6 +99,16 @@ class Step1(nn.Module):
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
+    # The trainer's interface (steplab.models.Trainable): a dense model keeps no per-step statistics.
+    def step_stats(self) -> list[torch.Tensor]:
+        return []
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        return {}
+
+    def discard_step_stats(self) -> None:
+        pass
+
 
 def document_segments(idx: torch.Tensor, start_token: int) -> list[list[tuple[int, int]]] | None:
     """Per row, the [start, end) spans of the documents packed in it (a document starts at ``start_token``);
@@ -122,22 +133,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     there: attention = 2 d^2 + 2 d (n_kv_head * head_dim). This equals 4 d^2 when n_kv_head == n_head.
     RMSNorm weights (2 d per layer + d) are excluded from N, as Step Law does, but included in ``total``.
     """
-    d, hd = cfg.d_model, cfg.head_dim
-    attn = 2 * d * (cfg.n_head * hd) + 2 * d * (cfg.n_kv_head * hd)
-    ffn = 3 * d * cfg.d_ff
-    N = cfg.n_layer * (attn + ffn)
+    d = cfg.d_model
+    N = cfg.n_layer * (attention_params(cfg) + 3 * d * cfg.d_ff)
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     norms = (2 * cfg.n_layer + 1) * d
     return {"N": N, "N_active": N, "embedding": embedding, "total": N + embedding + norms}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token, two ways.
-
-    ``6N`` is the scaling-law convention (C = 6 N D). ``model`` is what the hardware really does and is the
-    numerator of MFU: 6 x (N + the lm_head matmul) plus attention scores and values, 12 * n_layer * d * T
-    (PaLM's appendix B, counting the full T x T product as it is computed).
-    """
-    N = count_params(cfg)["N"]
-    model = 6 * (N + cfg.d_model * cfg.vocab_size) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-    return {"6N": 6.0 * N, "model": float(model)}

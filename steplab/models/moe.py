@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from steplab.config import ModelConfig
 from steplab.errors import ConfigError
-from steplab.models.common import SwiGLU
+from steplab.models.common import SwiGLU, attention_params
 from steplab.models.dense import Step1
 
 
@@ -279,7 +279,12 @@ class Step2(Step1):
             stats.update({f"moe{i}_{k}": v for k, v in moe.update_bias().items()})
         return stats
 
-    def discard_router_stats(self) -> None:
+    def step_stats(self) -> list[torch.Tensor]:
+        """Each MoE layer's tokens per expert over this step's micro-batches: summed over data-parallel ranks
+        (train/distributed.py) before ``after_optimizer_step`` moves the balancing biases."""
+        return [moe.load for _, moe in self.moe_layers()]
+
+    def discard_step_stats(self) -> None:
         """Forget the token counts of a step that was skipped (e.g. NaN loss) instead of stepped."""
         for _, moe in self.moe_layers():
             moe.load.zero_()
@@ -295,8 +300,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     (d E); a token uses top_k + n_shared experts and the whole router, so
     N_active = attention + (top_k + n_shared) 3 d d_expert + d E. The balancing bias is a buffer, not counted.
     """
-    m, d, hd, de = cfg.moe, cfg.d_model, cfg.head_dim, d_expert(cfg)
-    attn = 2 * d * (cfg.n_head * hd) + 2 * d * (cfg.n_kv_head * hd)
+    m, d, de = cfg.moe, cfg.d_model, d_expert(cfg)
+    attn = attention_params(cfg)
     N = N_active = 0
     for i in range(cfg.n_layer):
         if is_moe_layer(cfg, i):
@@ -308,10 +313,3 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     norms = (2 * cfg.n_layer + 1) * d
     return {"N": N, "N_active": N_active, "embedding": embedding, "total": N + embedding + norms}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token: ``6N`` with N = N_active (C = 6 N_a D), and ``model`` as in Step-1 with N_active."""
-    N_active = count_params(cfg)["N_active"]
-    model = 6 * (N_active + cfg.d_model * cfg.vocab_size) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-    return {"6N": 6.0 * N_active, "model": float(model)}

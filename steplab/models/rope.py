@@ -116,7 +116,8 @@ def rope_from_hf(hf: dict, where: str) -> tuple[dict, int, float]:
     message naming ``where`` when the scaling is one steplab cannot reproduce."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    base = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    # transformers >= 5 keeps rope_theta inside rope_parameters and may write a top-level null
+    base = float(params.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta") or 10000.0)
     max_pos = int(hf.get("max_position_embeddings", 2048))
     if kind == "default":
         return {}, max_pos, base

@@ -11,6 +11,7 @@ bf16 and reduces gradients in fp32, instead of autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -63,7 +64,12 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, dtype: str, device_type: 
     if info.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
+        # broadcast_buffers=False: by default DDP copies rank 0's buffers to every rank at each forward, which
+        # overwrote the per-step MoE expert counts accumulated over micro-batches (the summed loads then
+        # counted rank 0 twice and dropped the others). Every buffer is identical on all ranks by construction
+        # (RoPE tables; balancing biases moved from counts summed over ranks), so nothing needs broadcasting.
+        return DistributedDataParallel(model, device_ids=[info.local_rank] if device_type == "cuda" else None,
+                                       broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else MixedPrecisionPolicy()
@@ -86,11 +92,20 @@ def mean_across_ranks(value: float, info: DistInfo) -> float:
     return t.item() / info.world_size
 
 
-def sync_router_load(model: torch.nn.Module, info: DistInfo) -> None:
-    """Sum the MoE experts' token counts over ranks, so every rank moves its balancing bias identically."""
-    if info.enabled and hasattr(model, "moe_layers"):
-        for _, moe in model.moe_layers():
-            dist.all_reduce(moe.load)
+def sync_step_stats(model: torch.nn.Module, info: DistInfo) -> None:
+    """Sum the model's per-step statistics (``Trainable.step_stats``, e.g. MoE tokens per expert) over ranks,
+    so every rank takes the same decisions from them (the balancing-bias update)."""
+    if info.enabled:
+        for t in model.step_stats():
+            dist.all_reduce(t)
+
+
+def grad_sync(train_module: torch.nn.Module, last_micro_batch: bool):
+    """DDP's ``no_sync()`` on every micro-batch but the last: gradients accumulate locally and are all-reduced
+    once per optimizer step instead of once per micro-batch (same result, less communication)."""
+    if not last_micro_batch and hasattr(train_module, "no_sync"):
+        return train_module.no_sync()
+    return contextlib.nullcontext()
 
 
 def barrier(info: DistInfo | None) -> None:

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from steplab.config import RunConfig
+from steplab.config import RunConfig, config_fields
 from steplab.data.loader import TokenLoader, iter_eval_batches
 from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
 from steplab.models import build_model, count_params, flops_per_token
-from steplab.train.distributed import (barrier, init_distributed, mean_across_ranks, sync_router_load, uses_autocast,
-                                       wrap_model)
+from steplab.train.distributed import (barrier, grad_sync, init_distributed, mean_across_ranks, sync_step_stats,
+                                       uses_autocast, wrap_model)
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
@@ -43,15 +43,41 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: bool) -> None:
-    """Write config.json and a copy of the tokenizer; refuse to clobber another run."""
+# Fields that change how a run is logged or checkpointed, never what it computes: a resume may change them.
+RESUME_SAFE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_last",
+               "train.tensorboard"}
+
+
+def config_changes(saved: RunConfig, cfg: RunConfig) -> dict[str, list]:
+    """{dotted field: [saved value, new value]} for every field that differs, except ``RESUME_SAFE`` ones."""
+    old, new = dict(config_fields(saved)), dict(config_fields(cfg))
+    return {k: [old[k], new[k]] for k in new if old.get(k) != new[k] and k not in RESUME_SAFE}
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: bool,
+                    allow_config_change: bool = False) -> dict[str, list]:
+    """Write config.json and a copy of the tokenizer; refuse to clobber another run.
+
+    On resume, any change to a field that affects the computation breaks exact resume, so it is refused with
+    the changed fields named, unless ``allow_config_change``; the model config can never change (the
+    checkpoint's weights are that model). Returns the changes accepted (empty when none).
+    """
     config_path = run_dir / "config.json"
+    changes: dict[str, list] = {}
     if config_path.exists():
         if not resume:
             raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --out")
         saved = RunConfig.from_dict(json.loads(config_path.read_text()))
-        if saved.model != cfg.model or saved.data != cfg.data:
-            raise ConfigError(f"--resume with a different model or data config than {config_path}; resume with the saved config")
+        changes = config_changes(saved, cfg)
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items())
+        model = [k for k in changes if k.startswith("model.")]
+        if model:
+            raise ConfigError(f"--resume cannot change the model ({listed}); start a new run from this one with "
+                              f"--set train.init_from={run_dir}")
+        if changes and not allow_config_change:
+            raise ConfigError(f"--resume with a config that differs from {config_path} in {listed}, which breaks exact "
+                              f"resume; drop the change, pass --allow-config-change to resume anyway (recorded in "
+                              f"metrics.jsonl and report.md), or branch a new run with --set train.init_from={run_dir}")
     elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise ConfigError(f"output directory {run_dir} exists and is not empty; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +87,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: 
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer_dir, tmp)
         tmp.rename(run_dir / "tokenizer")
+    return changes
 
 
 def init_checkpoint(source: Path) -> Path:
@@ -81,7 +108,45 @@ def ckpt_steps(tc) -> set[int]:
         raise ConfigError(f"train.ckpt_at={tc.ckpt_at!r}: give comma-separated step numbers, e.g. \"80,160\"") from None
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def check_same_tokenizer(tokenizer, source: Path, data_path: str) -> None:
+    """Weights learned with one tokenizer mean nothing under another: the dataset's tokenizer must be the
+    one ``init_from``'s run (or import) was made with."""
+    from steplab.data.tokenizer import Tokenizer
+
+    if (source / "state.json").is_file():  # a checkpoints/step_* directory: its run is two levels up
+        source = source.parent.parent
+    theirs = source / "tokenizer"
+    if not (theirs / "tokenizer.json").is_file():
+        raise ConfigError(f"train.init_from={source} has no tokenizer/tokenizer.json; pass a run directory made by "
+                          "`steplab train` or `steplab import hf`")
+    if _encoding(Tokenizer.load(theirs)) != _encoding(tokenizer):
+        raise ConfigError(f"the dataset {data_path} was tokenized with another tokenizer than train.init_from={source}; "
+                          f"prepare the data with its tokenizer: steplab data prepare --tokenizer {theirs} ...")
+
+
+def _encoding(tokenizer) -> dict:
+    """What decides text -> ids: the whole tokenizer.json except the post-processor (which only adds BOS on a
+    default call; an exported or imported tokenizer has one, steplab encodes without it)."""
+    spec = json.loads(tokenizer._tok.to_str())
+    spec.pop("post_processor", None)
+    return spec
+
+
+def init_from_run(model: torch.nn.Module, source: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Branch: start from another run's latest weights; given the (already wrapped) model's ``optimizer``, take
+    that run's AdamW state too, as a resume does (this run's step, schedule and data order still start at 0)."""
+    init_ckpt = init_checkpoint(source)
+    if optimizer is None:
+        load_weights(init_ckpt, model)
+    elif not (init_ckpt / "dcp" / ".metadata").is_file():
+        raise ConfigError(f"train.init_optimizer=true but {init_ckpt} holds weights only (no optimizer state, e.g. an "
+                          "import); set train.init_optimizer=false")
+    else:
+        load_checkpoint(init_ckpt, model, optimizer)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; return the summary (also written to ``summary.json``).
 
     Under torchrun every rank calls this; rank 0 alone writes logs, plots and the summary.
@@ -100,8 +165,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     device = info.device if info.enabled else resolve_device(tc.device)
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; use a multiple")
+    changes = {}
     if info.is_main:
-        prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume)
+        changes = prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume, allow_config_change)
     barrier(info)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -111,13 +177,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     ckpt = latest_checkpoint(run_dir) if resume else None
     branch = None  # init_state: (checkpoint, its step); the run continues that run's optimizer and data stream
     if tc.init_from and ckpt is None:
+        check_same_tokenizer(tokenizer, Path(tc.init_from), cfg.data.path)
         if tc.init_state:
             branch = init_checkpoint(Path(tc.init_from))
         else:
-            load_weights(init_checkpoint(Path(tc.init_from)), model)
+            init_from_run(model, Path(tc.init_from))
     keep_at = ckpt_steps(tc)
     train_module = wrap_model(model, info, tc.dtype, device_type)
     optimizer = build_optimizer(model, tc, device_type)
+    if tc.init_from and tc.init_optimizer and not tc.init_state and ckpt is None:
+        init_from_run(model, Path(tc.init_from), optimizer)
     loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
     start_step, prior_seconds, skipped, init_step = 0, 0.0, 0, 0
     if ckpt is not None:
@@ -133,6 +202,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             raise ConfigError(f"train.init_from={tc.init_from} is at step {start_step}, not before train.max_steps={tc.max_steps}")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if ckpt is not None else None,
                      tensorboard_dir=run_dir / "tb" if tc.tensorboard else None) if info.is_main else None
+    if log and changes:  # --allow-config-change: the change is part of the run's record
+        log.log({"step": start_step, "config_change": changes})
     step_fn = torch.compile(train_module) if tc.compile else train_module
     autocast = uses_autocast(info, tc.dtype)
 
@@ -156,12 +227,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, extra_stats = 0.0, {}
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = loader.next_batch()  # the global batch; this rank trains on its rows
             x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
-            with autocast_context(device_type, "bf16" if autocast else "fp32"):
-                loss = step_fn(x, y)
-            (loss / tc.grad_accum).backward()
+            with grad_sync(train_module, micro == tc.grad_accum - 1):
+                with autocast_context(device_type, "bf16" if autocast else "fp32"):
+                    loss = step_fn(x, y)
+                (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = mean_across_ranks(loss_sum / tc.grad_accum, info)
         grad_norm = clip_gradients(model, tc.grad_clip)
@@ -175,16 +247,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                                     f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. "
                                     f"Lower train.lr, or set train.nan_policy=skip")
             skipped += 1
-            if hasattr(model, "discard_router_stats"):  # MoE: the skipped step's expert counts must not move the bias
-                model.discard_router_stats()
+            model.discard_step_stats()  # e.g. MoE: the skipped step's expert counts must not move the bias
             if log:
                 log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if hasattr(model, "after_optimizer_step"):  # e.g. MoE router-bias balancing; returns stats to log
-                sync_router_load(model, info)
-                extra_stats = model.after_optimizer_step() or {}
+            sync_step_stats(model, info)
+            extra_stats = model.after_optimizer_step()  # e.g. MoE router-bias balancing; returns stats to log
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -250,12 +320,16 @@ def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train
     }
     atomic_write_json(run_dir / "summary.json", summary)
     plot_loss_curve(records, run_dir / "loss.png", title=f"{run_dir.name}: N={params['N']:,}")
-    atomic_write_text(run_dir / "report.md", render_report(cfg, summary))
+    changes = [(r["step"], r["config_change"]) for r in records if "config_change" in r]
+    atomic_write_text(run_dir / "report.md", render_report(cfg, summary, changes))
     return summary
 
 
-def render_report(cfg: RunConfig, s: dict[str, Any]) -> str:
+def render_report(cfg: RunConfig, s: dict[str, Any], changes: list[tuple[int, dict]] = ()) -> str:
     m = cfg.model
+    notes = "".join(f"\n**Config changed on resume at step {step}** (`--allow-config-change`; the run is not an exact "
+                    "replay of one config): " + ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in c.items()) + "\n"
+                    for step, c in changes)
     return f"""# Run `{s['run']}`
 
 | | |
@@ -273,4 +347,4 @@ def render_report(cfg: RunConfig, s: dict[str, Any]) -> str:
 | training time | {s['train_seconds']:.1f} s |
 
 ![loss curve](loss.png)
-"""
+""" + notes
