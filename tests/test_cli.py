@@ -39,6 +39,7 @@ def test_quickstart_tiny_budget_end_to_end(tmp_path, capsys):
     assert summary["threads"] >= 1 and json.loads((run / "config.json").read_text())["train"]["seed"] == 3
 
 
+@pytest.mark.slow  # ~2 min: the dense quickstart test above covers the loop end to end in the default run
 def test_quickstart_moe_trains_step2_models(tmp_path, capsys):
     assert main(["quickstart", "--moe", "--out", str(tmp_path / "qs"), "--budget", "0.02"]) == 0
     out = capsys.readouterr().out
