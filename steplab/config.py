@@ -143,7 +143,7 @@ class RunConfig:
 
     def validate(self, *, special_tokens: int = N_SPECIAL_TOKENS) -> "RunConfig":
         check_ranges(self)
-        m, t = self.model, self.train
+        m = self.model
         if m.d_model % m.n_head:
             raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; pick heads that divide it")
         if m.n_head % m.n_kv_head:

@@ -34,5 +34,5 @@ def test_default_tokenizer_call_adds_bos_and_greedy_decoding_matches(tiny_data, 
     messages = [{"role": "user", "content": "hi"}]
     chat = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     chat = chat["input_ids"] if hasattr(chat, "keys") else chat
-    assert chat == tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+    assert chat == tokenizer.encode_chat(messages, add_generation_prompt=True)
     assert chat.count(tokenizer.bos_id) == 1

@@ -8,7 +8,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pi
 
 from steplab.errors import ConfigError  # noqa: E402
 from steplab.export.gguf import export_gguf, permute_rope, read_gguf, unpermute_rope, verify_gguf  # noqa: E402
-from steplab.models.common import apply_rope, rope_tables  # noqa: E402
+from steplab.models.common import apply_rope  # noqa: E402
+from steplab.models.rope import rope_tables  # noqa: E402
 
 
 @pytest.fixture(scope="module")

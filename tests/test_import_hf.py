@@ -40,11 +40,12 @@ def test_transformers_made_llama_imports_with_identical_logits(tiny_data, tmp_pa
         assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
-def test_rope_scaling_is_refused_in_one_line(tiny_data, tmp_path):
+def test_unsupported_rope_scaling_is_refused_in_one_line(tiny_data, tmp_path):
+    # linear/dynamic/yarn/llama3 import (tests/test_rope.py); a type steplab cannot reproduce is refused
     _, _, hf_dir = _llama_dir(tiny_data, tmp_path)
     config = json.loads((hf_dir / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 2.0, "rope_theta": 50000.0}
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError) as e:
         import_hf(hf_dir, tmp_path / "run")
-    assert "\n" not in str(e.value) and "linear" in str(e.value) and not (tmp_path / "run").exists()
+    assert "\n" not in str(e.value) and "longrope" in str(e.value) and not (tmp_path / "run").exists()

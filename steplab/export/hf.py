@@ -6,10 +6,7 @@ rotate-half RoPE layout, so the split is a plain slice with no permutation.
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from steplab.config import ModelConfig
 from steplab.errors import CheckpointError
+from steplab.utils import atomic_dir
 from steplab.models.rope import hf_rope_fields, rope_from_hf
 
 
@@ -86,22 +84,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-@contextmanager
 def building(out: Path):
-    """Yield a temporary directory beside ``out``; rename it onto ``out`` when the block succeeds, delete it
-    when it fails. An existing non-empty ``out`` is refused before any work."""
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"target {out} exists and is not empty; choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """A temporary directory renamed onto ``out`` when the export succeeds (``steplab.utils.atomic_dir``)."""
+    return atomic_dir(out, CheckpointError)
 
 
 def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:

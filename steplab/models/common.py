@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
-from steplab.models.rope import rope_tables  # noqa: F401  (RoPE and its scalings live in rope.py)
 
 
 class RMSNorm(nn.Module):

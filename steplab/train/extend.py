@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from steplab.data.prepare import META, load_prepared
 from steplab.data.shards import dtype_for_vocab, write_shards
 from steplab.errors import ConfigError, DataError
 from steplab.tasks.passkey import Passkey
-from steplab.utils import atomic_write_json
+from steplab.utils import atomic_dir, atomic_write_json
 
 METHODS = {"yarn": "yarn", "pi": "linear", "ntk": "dynamic", "llama3": "llama3"}
 
@@ -62,12 +60,7 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
     if n_passkey:
         rows += [np.asarray(d) for d in Passkey(tok).documents(n_passkey, length, seed)]
     order = np.random.default_rng(seed).permutation(len(rows))
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"output {out} already exists and is not empty; choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    with atomic_dir(out, DataError) as tmp:
         dtype = dtype_for_vocab(tok.vocab_size)
         write_shards((rows[i].tolist() for i in order), tmp / "train", dtype=dtype)
         shutil.copytree(val.path, tmp / "val")
@@ -76,12 +69,6 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
                    min_doc_tokens=min_doc_tokens, corpus_rows=n_corpus, passkey_rows=n_passkey, long_documents=len(docs))
         new["train"] = {"documents": len(rows), "tokens": len(rows) * length, "bytes": meta["train"]["bytes"]}
         atomic_write_json(tmp / META, new)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new
 
 

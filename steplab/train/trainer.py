@@ -43,9 +43,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-# Fields that change how a run is logged or checkpointed, never what it computes: a resume may change them.
+# Fields that change how a run is logged, checkpointed or spread over processes, never what it computes: a resume
+# may change them (DCP checkpoints reshard, so a 2-process FSDP run resumes in one process and back).
 RESUME_SAFE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_last",
-               "train.tensorboard"}
+               "train.tensorboard", "train.parallel"}
 
 
 def config_changes(saved: RunConfig, cfg: RunConfig) -> dict[str, list]:
