@@ -269,11 +269,11 @@ def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, m
 def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool) -> None:
     """The downstream suite (steplab.eval, issue 14): scores of the sweep and the planned run, each task's
     prediction from the sweep next to the measurement, appended to the report."""
-    from steplab.eval.taskfit import suite_over_sweep
+    from steplab.eval.taskfit import suite_over_sweep, sweep_law_runs
     from steplab.utils import atomic_write_text
 
     print("      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all)")
-    runs = sorted(d for d in (sweep_dir / "runs").iterdir() if (d / "summary.json").is_file())
+    runs = sweep_law_runs(sweep_dir)
     with _quiet_numpy():
         md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress)
     print(md)

@@ -89,7 +89,9 @@ def _sweep(args) -> int:
     from steplab.eval.taskfit import suite_over_sweep
 
     sweep = Path(args.run)
-    dirs = sorted(d for d in (sweep / "runs").iterdir() if (d / "summary.json").is_file())
+    from steplab.eval.taskfit import sweep_law_runs
+
+    dirs = sweep_law_runs(sweep)
     md = suite_over_sweep(dirs, Path(args.target) if args.target else None, sweep, suite=args.suite, sweep_scale=args.scale or 0.2,
                           device=args.device, dtype=args.dtype or "fp32", seed=args.seed)
     print(md)

@@ -152,6 +152,16 @@ def save_prediction(out_dir: str | Path, points: list[dict], fits: dict, measure
     return md
 
 
+def sweep_law_runs(sweep_dir: str | Path) -> list[Path]:
+    """The finished runs of a sweep that are points of its law: a WSD sweep's stable parent runs (marked
+    ``stable`` in sweep.json) are branch sources, not points, and are left out."""
+    sweep_dir = Path(sweep_dir)
+    meta = sweep_dir / "sweep.json"
+    runs = json.loads(meta.read_text()).get("runs", {}) if meta.is_file() else {}
+    return sorted(d for d in (sweep_dir / "runs").iterdir()
+                  if (d / "summary.json").is_file() and not runs.get(d.name, {}).get("stable"))
+
+
 def suite_over_sweep(sweep_runs: list[Path], target_run: Path | None, out_dir: str | Path, *, suite: str = "small",
                      sweep_scale: float = 0.2, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
                      progress: bool = True) -> str:
