@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 _RUN: Path | None = None
 _LOCK = threading.Lock()
 
@@ -116,3 +118,24 @@ def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.01)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Reference generations in this thread: one OpenMP thread (two spin badly on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """(run dir, model, tokenizer) of the shared tiny run."""
+    from steplab.train.checkpoint import load_run
+
+    run = tiny_run()
+    _, model, tokenizer, _ = load_run(run)
+    return run, model, tokenizer

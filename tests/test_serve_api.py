@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import Hold, Server, tiny_run, wait_for  # noqa: E402
+from serve_fixtures import Hold, Server, loaded, one_thread, wait_for  # noqa: E402,F401,F811 (pytest fixtures)
 
 from steplab.infer.engine import Engine, QueueFullError, Request, chat_stop_ids, encode_chat  # noqa: E402
 from steplab.infer.sampling import SamplingParams, generate  # noqa: E402
@@ -22,26 +22,6 @@ KEY = "sk-test-0123456789"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MODEL = "step-1-nano"
 CHAT = [{"role": "user", "content": "def main():"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Reference generations in this thread: one OpenMP thread (two spin badly on a busy 2-core machine)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    from steplab.train.checkpoint import load_run
-
-    run = tiny_run()
-    _, model, tokenizer, _ = load_run(run)
-    return run, model, tokenizer
 
 
 @pytest.fixture(scope="module")
