@@ -103,3 +103,12 @@ def test_context_overflow_is_an_error():
     model = Step1(small_cfg(max_seq_len=16)).eval()
     with pytest.raises(ValueError, match="exceeds"):
         generate(model, [[1] * 10], SamplingParams(max_new_tokens=10, temperature=0))
+
+
+def test_temperatures_too_small_for_float32_sample_greedily():
+    # found by the API fuzzer: temperature 5e-324 became 0.0 in float32 and the softmax NaN (500 from the server)
+    from steplab.infer.sampling import SamplingParams, sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.2]])
+    for t in (5e-324, 1e-40, 1e-30):
+        assert sample_next(logits, SamplingParams(temperature=t), torch.Generator().manual_seed(0)).tolist() == [1, 0]

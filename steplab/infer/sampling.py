@@ -39,9 +39,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
-    if params.temperature <= 0:
+    if params.temperature < torch.finfo(torch.float32).tiny:  # 0, or too small for float32 (5e-324 -> 0.0): greedy
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    # shift by the row max before dividing: a tiny temperature then tends to greedy instead of overflowing to
+    # inf - inf = NaN; softmax is unchanged by the shift
+    logits = logits.float()
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
