@@ -227,3 +227,23 @@ def test_plain_lm_eval_command_finds_steplab_through_the_pth_hook(loaded, tmp_pa
     assert got["acc,none"] == local["acc,none"] and got["acc_norm,none"] == local["acc_norm,none"]
     remove(site_dir)
     assert not (site_dir / PTH_NAME).exists()
+
+
+def test_the_pth_line_is_silent_where_the_steplab_found_has_no_hook(tmp_path):
+    """The .pth line runs in every Python process: with an older steplab first on the path (no hook module) it
+    must do nothing and print nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from steplab.eval.lm_eval_plugin import install
+
+    site_dir, old = tmp_path / "site", tmp_path / "old"
+    site_dir.mkdir()
+    (old / "steplab").mkdir(parents=True)
+    (old / "steplab" / "__init__.py").write_text("")
+    install(site_dir)
+    code = f"import site; site.addsitedir({str(site_dir)!r}); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(old)},
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")

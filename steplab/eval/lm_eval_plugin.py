@@ -15,9 +15,11 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "steplab-lm-eval.pth"
-# One line, executed by site.py at start-up; it does nothing once steplab is uninstalled.
-PTH_LINE = ("import importlib.util as _u; _u.find_spec('steplab') is not None and "
-            "__import__('steplab.eval.lm_eval_hook', fromlist=['_']).install_hook()\n")
+# One line, executed by site.py at start-up in every Python process, so it must never fail loudly: it does
+# nothing when steplab is not importable, or when the steplab found first (e.g. an older checkout on
+# PYTHONPATH) has no hook module.
+PTH_LINE = ("import importlib.util as _u; exec(\"try:\\n import steplab.eval.lm_eval_hook as _h; _h.install_hook()"
+            "\\nexcept ImportError: pass\") if _u.find_spec('steplab') else None\n")
 
 
 def site_packages() -> Path:
