@@ -83,9 +83,22 @@ class ModelConfig:
 
 
 @dataclass
+class ChatDataConfig:
+    """Chat data (data kind "chat", ``steplab sft``; steplab/data/chat_data.py)."""
+
+    mask: bool = True  # loss on assistant tokens only; false: on every token but padding (the masking ablation)
+    field: str = "messages"  # JSONL field / Parquet or HF column holding the conversation
+    skip_bad: bool = False  # skip (and count) bad rows instead of stopping at the first
+    tokenizer: str = ""  # tokenizer directory; default: train.init_from's run tokenizer
+    mix_path: str = ""  # a prepared pretraining dataset whose windows are mixed into every batch
+    mix_fraction: float = 0.0  # share of each batch's rows taken from mix_path
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # a directory written by `steplab data prepare`
     seq_len: int = 256
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
 @dataclass
@@ -220,7 +233,7 @@ RANGES: dict[str, Range] = {
     "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
     "model.moe.first_dense": AT_LEAST_0, "model.moe.every": AT_LEAST_1,
     "model.moe.bias_update_rate": AT_LEAST_0, "model.moe.aux_loss_coef": AT_LEAST_0, "model.moe.z_loss_coef": AT_LEAST_0,
-    "data.seq_len": AT_LEAST_1,
+    "data.seq_len": AT_LEAST_1, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
     "train.weight_decay": AT_LEAST_0, "train.beta1": Range(0, 1, hi_open=True), "train.beta2": Range(0, 1, hi_open=True),

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from steplab.config import CHOICES, RANGES, RunConfig, check_ranges, config_fields, resolve
 from steplab.errors import ConfigError
 
-FREE_TEXT = {"data.path", "train.init_from", "train.ckpt_at"}  # paths, and ckpt_at (comma-separated steps, parsed by the trainer)
+FREE_TEXT = {"data.path", "train.init_from", "train.ckpt_at", "data.chat.field", "data.chat.tokenizer", "data.chat.mix_path"}  # paths, and ckpt_at (comma-separated steps, parsed by the trainer)
 
 
 def test_every_field_declares_its_range():

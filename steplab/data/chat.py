@@ -28,7 +28,7 @@ from steplab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"  # closes every turn; a chat reply stops at it
-IGNORE_INDEX = -100  # target at a masked position (torch's cross_entropy default ignore_index)
+IGNORE_INDEX = -100  # a target the loss skips (torch's cross_entropy default; models/common.py uses this one)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -118,6 +118,12 @@ def stop_ids(tokenizer) -> frozenset[int]:
 def turn_markers(tokenizer) -> frozenset[int]:
     """Ids that open a turn: a reply that emits one has broken the format (it speaks for another role)."""
     return frozenset(tokenizer.special_ids[f"<|{r}|>"] for r in ROLES) | {tokenizer.bos_id}
+
+
+def reply_stop_ids(tokenizer) -> frozenset[int]:
+    """Where generating a reply stops: its end (:func:`stop_ids`) or a turn marker it must not emit (the reply
+    would speak for another role); serving, ``steplab chat`` and task evals all stop here."""
+    return stop_ids(tokenizer) | turn_markers(tokenizer)
 
 
 # ---- packing ----------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---- prompts ---------------------------------------------------------------------------------------------
 
 def chat_stop_ids(tokenizer) -> frozenset[int]:
-    """A chat reply ends at <|end|> (the template's turn end) or <|eos|> (``steplab.data.chat.stop_ids``)."""
-    from steplab.data.chat import stop_ids
+    """A chat reply ends at <|end|> (the template's turn end) or <|eos|>, and is cut at any turn marker it would
+    emit for another role (``steplab.data.chat.reply_stop_ids``: ids looked up in the tokenizer by name)."""
+    from steplab.data.chat import reply_stop_ids
 
-    return stop_ids(tokenizer)
+    return reply_stop_ids(tokenizer)
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
