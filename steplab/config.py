@@ -353,6 +353,8 @@ def _coerce(path: str, value: Any, typ: type) -> Any:
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ConfigError(f"{path} expects true/false, got {value!r}")
+        if typ is int and text.lstrip("+-").isdigit():  # exact: float() would round integers above 2**53
+            return int(text)
         try:
             number = float(text)
         except ValueError:
