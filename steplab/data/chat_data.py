@@ -40,6 +40,7 @@ class ChatData:
         self.seed, self.mask, self.field, self.skip_bad = seed, mask, field, skip_bad
         self.eval_rows = eval_rows
         self.vocab_size = tokenizer.vocab_size
+        self.special_tokens = len(tokenizer.special_ids)
         self.tokenizer_dir = tokenizer_dir
         self.tokens_per_batch = batch_size * seq_len
         self.mix_loader, self.mix_rows = mix_loader, mix_rows
@@ -118,6 +119,28 @@ class ChatData:
         if self.mix_loader is not None and "mix" in state:
             self.mix_loader.load_state_dict(state["mix"])
 
+    def evaluate(self, model: torch.nn.Module, device: str, dtype: str) -> dict[str, float]:
+        """Assistant-token loss over :meth:`eval_batches`, in nats per trained token (summed, not batch means)."""
+        import torch.nn.functional as F
+
+        was_training = model.training
+        model.eval()
+        nats, n = 0.0, 0
+        device_type = torch.device(device).type
+        try:
+            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                for x, y in self.eval_batches():
+                    x, y = x.to(device), y.to(device)
+                    logits = model(x)
+                    nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                                  ignore_index=IGNORE_INDEX))
+                    n += int((y != IGNORE_INDEX).sum())
+        finally:
+            model.train(was_training)
+        if n == 0:
+            raise DataError(f"{self.source}: the held-out conversations have no assistant tokens to evaluate")
+        return {"val_loss": nats / n, "val_tokens": n}
+
     def eval_batches(self):
         """Held-out conversations (the tasks' test splits, or the file's hashed 5%), masked, the same every call."""
         if not hasattr(self, "_eval"):
@@ -158,4 +181,10 @@ def build_chat_data(cfg) -> ChatData:
                     eval_rows=cfg.train.eval_batches * cfg.train.batch_size, mix_loader=mix_loader, mix_rows=mix_rows)
 
 
-__all__ = ["ChatData", "build_chat_data", "IGNORE_INDEX"]
+def _register() -> None:
+    from steplab.train.data import register_data
+
+    register_data("chat", build_chat_data)
+
+
+_register()  # the trainer imports this module for data.kind = "chat" (train/data.py DATA_MODULES)
