@@ -30,6 +30,7 @@ QUESTIONS = ["What is {n}'s {a}?", "Which {a} does {n} have?", "Tell me {n}'s {a
 class Recall(ChatTask):
     name = "recall"
     description = "two-turn recall: a fact stated in turn 1, asked in turn 2 (chat; held-out names)"
+    chance = 0.08  # a uniform guess among the asked attribute's values (1/10 for four attributes, 1/90 for numbers)
     max_tokens = 16
 
     def candidates(self, seed: int) -> Iterator[Item]:

@@ -58,6 +58,7 @@ def count_steps(word: str, letter: str) -> str:
 class LetterCount(ChatTask):
     name = "letter_count"
     description = "count a letter in a made-up word, letter by letter (chat; held-out words)"
+    chance = 0.55  # always answering "1" (the most common count: 56% of 1,000 test items)
     max_tokens = 64
 
     def candidates(self, seed: int) -> Iterator[Item]:
