@@ -13,9 +13,8 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from steplab.tasks.base import Item
+from steplab.tasks.base import Item, split_of_key
 from steplab.tasks.chat import ChatTask, pseudo_word, word_on_side
-from steplab.tasks.base import split_of_key
 
 ATTRIBUTES = {
     "color": ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "gray"],
