@@ -84,10 +84,23 @@ class ModelConfig:
 
 
 @dataclass
+class ChatDataConfig:
+    """Chat data (data kind "chat", ``steplab sft``; steplab/data/chat_data.py)."""
+
+    mask: bool = True  # loss on assistant tokens only; false: on every token but padding (the masking ablation)
+    field: str = "messages"  # JSONL field / Parquet or HF column holding the conversation
+    skip_bad: bool = False  # skip (and count) bad rows instead of stopping at the first
+    tokenizer: str = ""  # tokenizer directory; default: train.init_from's run tokenizer
+    mix_path: str = ""  # a prepared pretraining dataset whose windows are mixed into every batch
+    mix_fraction: float = 0.0  # share of each batch's rows taken from mix_path
+
+
+@dataclass
 class DataConfig:
     kind: str = "tokens"  # what path holds: "tokens" (token shards) or a registered kind (train/data.py)
     path: str = ""  # tokens: a directory written by `steplab data prepare`; other kinds: what their builder reads
     seq_len: int = 256
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
 @dataclass
@@ -222,7 +235,7 @@ RANGES: dict[str, Range] = {
     "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
     "model.moe.first_dense": AT_LEAST_0, "model.moe.every": AT_LEAST_1,
     "model.moe.bias_update_rate": AT_LEAST_0, "model.moe.aux_loss_coef": AT_LEAST_0, "model.moe.z_loss_coef": AT_LEAST_0,
-    "data.seq_len": AT_LEAST_1,
+    "data.seq_len": AT_LEAST_1, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
     "train.weight_decay": AT_LEAST_0, "train.beta1": Range(0, 1, hi_open=True), "train.beta2": Range(0, 1, hi_open=True),
@@ -342,6 +355,8 @@ def _coerce(path: str, value: Any, typ: type) -> Any:
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ConfigError(f"{path} expects true/false, got {value!r}")
+        if typ is int and text.lstrip("+-").isdigit():  # exact: float() would round integers above 2**53
+            return int(text)
         try:
             number = float(text)
         except ValueError:

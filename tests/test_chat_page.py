@@ -110,3 +110,37 @@ def test_chat_page_shows_errors(server, browser):
     _wait(browser, lambda d: d.find_element(By.ID, "keybox").is_displayed())
     assert "incorrect API key" in browser.find_element(By.ID, "keymsg").text
     browser.save_screenshot(str(ARTIFACTS / "chat_page_key_prompt.png"))
+
+
+CHAT_RUN = os.environ.get("STEPLAB_CHAT_RUN")  # a run made by `steplab sft` (docs/benchmarks.md, issue 15)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHAT_RUN, reason="set STEPLAB_CHAT_RUN to a run made by `steplab sft` to screenshot a real conversation")
+def test_chat_page_converses_with_an_sft_model(browser):
+    """Two turns with a chat model: every reply ends at <|end|> (finish 'stop', not the token cap); the
+    screenshot test-artifacts/chat_page_sft.png shows the conversation."""
+    from selenium.webdriver.common.by import By
+
+    from steplab.serve.app import create_app
+
+    with Server(create_app({"step-1-chat": CHAT_RUN}, api_keys={KEY}, dtype="fp32")) as srv:
+        browser.get(srv.url + "/")
+        browser.execute_script(f"localStorage.setItem('steplab_api_key', '{KEY}')")
+        browser.get(srv.url + "/")
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        temperature = browser.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
+        for k, question in enumerate(["Hi! Who are you?", "What is 23 + 45?"], start=1):
+            browser.find_element(By.ID, "input").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == k)
+            reply = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+            _wait(browser, lambda d: reply.get_attribute("data-state") == "done", timeout=120)
+            assert reply.find_element(By.CLASS_NAME, "content").text.strip()
+            assert "(stop)" in browser.find_element(By.ID, "status").text  # ended at <|end|>, not the cap
+        assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")] == \
+            ["Hi! Who are you?", "What is 23 + 45?"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "chat_page_sft.png"))

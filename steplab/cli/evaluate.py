@@ -62,7 +62,9 @@ def cmd_eval(args) -> int:
                 for t in tasks:
                     r = run_task(lm, t, args.items, args.seed)
                     out["tasks"].append(r.to_dict())
-                    print(f"{r.task}: {r.accuracy:.1%} ({r.correct}/{r.n}; 95% {r.ci_low:.1%}-{r.ci_high:.1%}; chance {r.chance:.0%})")
+                    fmt = f"; format {r.format_rate:.1%}" if r.format_rate is not None else ""
+                    print(f"{r.task}: {r.accuracy:.1%} ({r.correct}/{r.n}; 95% {r.ci_low:.1%}-{r.ci_high:.1%}; "
+                          f"chance {r.chance:.0%}{fmt})")
             if args.suite:
                 from steplab.eval.suite import run_suite, save_suite, suite_markdown
 

@@ -234,8 +234,9 @@ def _parquet_documents(path: Path, *, field: str) -> Iterator[str]:
                 yield value
 
 
-def _hf_documents(spec: str, *, field: str) -> Iterator[str]:
-    """``NAME[:CONFIG][@SPLIT]``; NAME may be a ``save_to_disk`` folder (works offline)."""
+def hf_dataset(spec: str):
+    """The rows of ``NAME[:CONFIG][@SPLIT]`` (a datasets Dataset or IterableDataset) and NAME; NAME may be a
+    ``save_to_disk`` folder (works offline). DataError with what to do when it cannot be loaded."""
     try:
         import datasets
     except ImportError:
@@ -270,6 +271,11 @@ def _hf_documents(spec: str, *, field: str) -> Iterator[str]:
             where = "offline and not in the local cache" if offline else "could not be loaded"
             raise DataError(f"hf dataset {name!r} {where} ({type(e).__name__}: {str(e)[:200]}); download it into "
                             "the HF cache (HF_HOME) first, or save it with Dataset.save_to_disk and pass hf:/that/dir") from None
+    return ds, name
+
+
+def _hf_documents(spec: str, *, field: str) -> Iterator[str]:
+    ds, name = hf_dataset(spec)
     columns = ds.column_names
     if columns is not None and field not in columns:
         raise DataError(f"hf dataset {name!r}: no column {field!r} (columns: {columns}); pass --field with one of those")

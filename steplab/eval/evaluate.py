@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from steplab.data.chat import IGNORE_INDEX
+
 
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: the character that stands for each byte -> that byte."""
@@ -65,7 +67,8 @@ def autocast_context(device_type: str, dtype: str):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, token_bytes: torch.Tensor, *, device: str = "cpu", dtype: str = "fp32") -> dict[str, float]:
-    """Mean loss over ``batches`` (an iterable of (x, y)) in nats/token, and bits per byte."""
+    """Mean loss over ``batches`` (an iterable of (x, y)) in nats/token, and bits per byte; targets equal to
+    IGNORE_INDEX (a chat batch's prompts and padding) are left out of both."""
     was_training = model.training
     model.eval()
     device_type = torch.device(device).type
@@ -76,10 +79,12 @@ def evaluate(model: torch.nn.Module, batches, token_bytes: torch.Tensor, *, devi
         x, y = x.to(device), y.to(device)
         with autocast_context(device_type, dtype):
             logits = model(x)
-        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
-        nbytes = token_bytes[y.view(-1)]
+        flat = y.reshape(-1)
+        valid = flat != IGNORE_INDEX  # chat batches: only assistant tokens are targets
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, reduction="none", ignore_index=IGNORE_INDEX)
+        nbytes = token_bytes[flat.clamp(min=0)] * valid
         nats += losses.sum().item()
-        n_tokens += y.numel()
+        n_tokens += int(valid.sum().item())
         counted = nbytes > 0
         nats_counted += losses[counted].sum().item()
         n_bytes += int(nbytes.sum().item())

@@ -77,3 +77,20 @@ class EngineLM:
                 text += ev.text
             out.append(text)
         return out
+
+    def chat(self, prompts: list[list[int]], max_tokens: int, stop_ids: frozenset[int]) -> list[tuple[str, list[int], str]]:
+        """Greedy replies to chat prompts (``steplab.data.chat.prompt_ids``): (text, token ids with the stop token
+        that ended it, finish reason) each; a prompt is never cut (the engine refuses one that does not fit)."""
+        handles = [self.engine.submit(Request(prompt=ids, max_tokens=min(max_tokens, self.context_len - len(ids)),
+                                              temperature=0.0, stop_ids=stop_ids)) for ids in prompts]
+        out = []
+        for handle in handles:
+            text, tokens, finish = "", [], ""
+            for ev in handle:
+                if ev.error:
+                    raise RuntimeError(ev.error)
+                text += ev.text
+                tokens += ev.tokens
+                finish = ev.finish_reason or finish
+            out.append((text, tokens, finish))
+        return out

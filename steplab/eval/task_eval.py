@@ -22,6 +22,9 @@ class TaskResult:
     above_chance: bool  # the interval's lower end lies above chance
     seconds: float
     split: str = "test"
+    format_ok: int | None = None  # chat tasks: replies that end with <|end|> before the token cap, no other marker
+    format_rate: float | None = None
+    outputs: list | None = None  # chat tasks with keep_outputs: (prompt, reply, graded correct) per item
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,9 +53,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return [tokenizer.bos_id] + whole[:n], whole[n:]
 
 
-def run_task(lm: EngineLM, task: Task, n: int | None = 500, seed: int = 0, split: str = "test") -> TaskResult:
+def run_task(lm: EngineLM, task: Task, n: int | None = 500, seed: int = 0, split: str = "test",
+             keep_outputs: bool = False) -> TaskResult:
     t0 = time.time()
-    items = task.items(split, n, seed)
+    items = task.items(split, n, seed)  # a finite pool smaller than n: all of it
     tok = lm.tokenizer
     if task.kind == "choice":
         pairs, sizes = [], []
@@ -69,8 +73,28 @@ def run_task(lm: EngineLM, task: Task, n: int | None = 500, seed: int = 0, split
     elif task.kind == "generate":
         outs = lm.generate([[tok.bos_id] + tok.encode(it.prompt) for it in items], task.max_tokens, task.stop)
         correct = sum(int(task.grade(it, o)) for it, o in zip(items, outs))
+    elif task.kind == "chat":
+        return _run_chat(lm, task, items, t0, split, keep_outputs)
     else:
         raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r}")
     lo, hi = wilson(correct, len(items))
     return TaskResult(task.name, task.kind, len(items), correct, correct / max(1, len(items)), lo, hi, task.chance,
                       lo > task.chance, round(time.time() - t0, 2), split)
+
+
+def _run_chat(lm: EngineLM, task: Task, items: list, t0: float, split: str, keep_outputs: bool) -> TaskResult:
+    """Each item's conversation under the one chat template, answered greedily until a turn marker; graded."""
+    from steplab.data.chat import END, prompt_ids, reply_stop_ids
+    from steplab.tasks.chat import messages_of
+
+    tok = lm.tokenizer
+    replies = lm.chat([prompt_ids(messages_of(it), tok) for it in items], task.max_tokens, reply_stop_ids(tok))
+    graded = [task.grade(it, text) for it, (text, _, _) in zip(items, replies)]
+    end = tok.special_ids[END]
+    formatted = sum(int(finish == "stop" and bool(tokens) and tokens[-1] == end) for _, tokens, finish in replies)
+    correct = sum(graded)
+    lo, hi = wilson(correct, len(items))
+    outputs = [(it.prompt, text, ok) for it, (text, _, _), ok in zip(items, replies, graded)] if keep_outputs else None
+    return TaskResult(task.name, task.kind, len(items), correct, correct / max(1, len(items)), lo, hi, task.chance,
+                      lo > task.chance, round(time.time() - t0, 2), split, formatted, formatted / max(1, len(items)),
+                      outputs)

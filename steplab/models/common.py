@@ -12,6 +12,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steplab.config import ModelConfig
+from steplab.data.chat import IGNORE_INDEX  # a target that is not trained (prompts, markers, padding)
+
+
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE_INDEX.
+
+    A batch with no target at all (an SFT micro-batch holding only prompts) would average over nothing, 0/0 =
+    NaN (nanochat #590); it contributes a zero loss with zero gradient instead.
+    """
+    flat = targets.reshape(-1)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX)
+    return torch.where(flat.ne(IGNORE_INDEX).any(), loss, torch.zeros_like(loss))
 
 
 class RMSNorm(nn.Module):

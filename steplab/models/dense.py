@@ -14,10 +14,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from steplab.config import ModelConfig
-from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, attention_params
+from steplab.models.common import Attention, KVCache, RMSNorm, SwiGLU, attention_params, masked_cross_entropy
 from steplab.models.rope import is_dynamic, rope_tables
 
 
@@ -64,7 +63,7 @@ class Step1(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab), or the mean cross-entropy when ``targets`` is given.
+        """Logits (B, T, vocab), or the mean cross-entropy over the non-ignored ``targets`` when given.
 
         With a ``cache``, row b of ``idx`` continues the sequence in cache slot ``slots[b]`` (default: row b)
         from position ``cache.lengths[slot]``; the cache lengths advance by T.
@@ -97,7 +96,7 @@ class Step1(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return masked_cross_entropy(logits, targets)  # targets of IGNORE_INDEX (-100) are not trained
 
     # The trainer's interface (steplab.models.Trainable): a dense model keeps no per-step statistics.
     def step_stats(self) -> list[torch.Tensor]:

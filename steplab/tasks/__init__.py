@@ -17,6 +17,14 @@ TASKS: dict[str, str] = {
     "wikitext2_next": "steplab.tasks.text_next:WikiTextNext",
     "tinystories_next": "steplab.tasks.text_next:TinyStoriesNext",
     "gsm8k": "steplab.tasks.gsm8k:GSM8K",
+    # chat tasks (conversations under the one chat template; SFT data, eval, RL): steplab/tasks/chat.py
+    "arithmetic": "steplab.tasks.arithmetic:Arithmetic",
+    "add2": "steplab.tasks.arithmetic:Add2",
+    "spelling": "steplab.tasks.spelling:Spelling",
+    "letter_count": "steplab.tasks.spelling:LetterCount",
+    "recall": "steplab.tasks.recall:Recall",
+    "identity": "steplab.tasks.identity:Identity",
+    "corpus_qa": "steplab.tasks.corpus_qa:CorpusQA",
 }
 
 

@@ -11,7 +11,10 @@ Two kinds:
 - ``choice``: the model scores each of ``item.choices`` as a continuation of ``item.prompt``; the item is right
   when the correct choice (``item.label``) scores highest (per byte by default, lm-evaluation-harness's
   ``acc_norm``; ``score_by = "sum"`` for the raw sum, its ``acc``);
-- ``generate``: greedy generation from ``item.prompt`` until a stop string, graded by :meth:`Task.grade`.
+- ``generate``: greedy generation from ``item.prompt`` until a stop string, graded by :meth:`Task.grade`;
+- ``chat``: a conversation (``item.messages``, under the one chat template ``steplab.data.chat``) answered greedily
+  until ``<|end|>``, graded by :meth:`Task.grade`; ``item.reply`` is a reference reply (SFT's target). See
+  ``steplab.tasks.chat``.
 """
 from __future__ import annotations
 
@@ -33,11 +36,13 @@ class Item:
     choices: tuple[str, ...] = ()
     label: int = -1  # index of the correct choice
     key: str = ""  # what decides the split (default: the prompt)
+    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content) turns up to the question (the last is the user's)
+    reply: str = ""  # chat: a reference assistant reply (worked steps, then the answer line)
 
 
 class Task:
     name: str = ""
-    kind: str = "choice"  # choice | generate
+    kind: str = "choice"  # choice | generate | chat
     chance: float = 0.0  # expected accuracy of a guesser (choice: 1 / number of choices)
     description: str = ""
     score_by: str = "byte"  # choice tasks: "byte" (mean logprob per byte of the choice) or "sum"
