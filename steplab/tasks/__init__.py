@@ -17,6 +17,8 @@ TASKS: dict[str, str] = {
     "wikitext2_next": "steplab.tasks.text_next:WikiTextNext",
     "tinystories_next": "steplab.tasks.text_next:TinyStoriesNext",
     "gsm8k": "steplab.tasks.gsm8k:GSM8K",
+    "countdown": "steplab.tasks.countdown:Countdown",
+    "countdown3": "steplab.tasks.countdown:Countdown3",
 }
 
 
