@@ -10,11 +10,12 @@ j of row b (at position P_b + j) is scored by the logits and valued by the criti
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from steplab.eval.verifier import with_scalar_head
 
 
 @dataclass
@@ -36,12 +37,7 @@ class Sample:
 
 def make_critic(policy: nn.Module) -> nn.Module:
     """A copy of the policy with a scalar value head in place of the vocabulary head."""
-    critic = copy.deepcopy(policy)
-    head = nn.Linear(policy.cfg.d_model, 1, bias=True).to(next(policy.parameters()).device)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    critic.lm_head = head  # also unties it from the embedding when the policy ties them
-    return critic
+    return with_scalar_head(policy)
 
 
 @dataclass

@@ -176,6 +176,14 @@ class Countdown(Task):
     def grade(self, item: Item, output: str) -> bool:
         return self.check(item, output)[0]
 
+    def answer_key(self, item: Item, output: str) -> str | None:
+        """What majority voting compares: the value reached and the numbers used (None: unreadable)."""
+        try:
+            value, used = parse_expression(output)
+        except ParseError:
+            return None
+        return f"{value}|{sorted(used)}"
+
 
 class Countdown3(Countdown):
     """Three numbers in 1..12, targets up to 100: the size a <= 5M-parameter model can start on (about 20k

@@ -45,5 +45,8 @@ class GSM8K(Task):
         got = _number(output)
         return got == item.answer, got is not None
 
+    def answer_key(self, item: Item, output: str) -> str | None:
+        return _number(output)
+
     def grade(self, item: Item, output: str) -> bool:
         return self.check(item, output)[0]
