@@ -104,8 +104,12 @@ def test_ray_rollouts_match_local(countdown_run, tmp_path):
     finally:
         ray.shutdown()
 
-    def numbers(d):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(d / "metrics.jsonl")]
+    def numbers(d):  # the engine's logprobs may differ in float rounding (other batch mixes), the samples may not
+        return [{k: v for k, v in r.items() if k not in ("seconds", "logprob_diff")} for r in read_jsonl(d / "metrics.jsonl")]
 
     assert numbers(tmp_path / "ray") == numbers(tmp_path / "local")
-    assert remote["eval_pass1_end"] == local["eval_pass1_end"]
+    assert remote["eval_pass1_end"] == local["eval_pass1_end"] and remote["max_logprob_diff"] <= 1e-3
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "local/checkpoints/step_00000002/model.safetensors")
+    b = load_file(tmp_path / "ray/checkpoints/step_00000002/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train an outcome reward model on --from's graded samples instead (for `steplab eval --verifier`)")
     for f in ("steps", "token_budget", "prompts_per_step", "group_size", "max_tokens", "temperature", "policy_lr",
               "critic_lr", "policy_updates", "critic_updates", "minibatches", "clip", "value_clip", "train_items",
-              "eval_items", "eval_samples", "eval_every", "ckpt_every", "seed", "threads", "workers", "max_batch"):
+              "eval_items", "eval_samples", "eval_every", "ckpt_every", "seed", "threads", "workers", "max_batch", "device"):
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=type(getattr(d, f)), default=getattr(d, f))
     p.set_defaults(func=cmd_rl)
 

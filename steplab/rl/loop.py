@@ -62,6 +62,7 @@ class RLConfig:
     launcher: str = "local"  # local | ray
     workers: int = 2  # ray rollout actors
     max_batch: int = 64  # engine slots per rollout worker
+    device: str = "auto"  # auto | cpu | cuda (the trainer and the in-process engine)
 
     def validate(self) -> None:
         if self.algo not in algos.ALGOS:
@@ -79,7 +80,7 @@ class RLConfig:
             raise ConfigError("RL samples need temperature > 0 (the policy gradient needs a stochastic policy)")
 
 
-RESUME_SAFE = {"steps", "token_budget", "eval_every", "ckpt_every", "keep_last", "launcher", "workers", "threads"}
+RESUME_SAFE = {"steps", "token_budget", "eval_every", "ckpt_every", "keep_last", "launcher", "workers", "threads", "device"}
 
 
 def _prepare_dir(cfg: RLConfig, out: Path, resume: bool) -> None:
@@ -127,7 +128,9 @@ def run_rl(cfg: RLConfig, out: str | Path, *, resume: bool = False, progress: bo
     if task.kind != "generate":
         raise ConfigError(f"task {cfg.task!r} is a {task.kind} task; RL needs a generate task with a grader")
     _prepare_dir(cfg, out, resume)
-    _, policy, tokenizer, _ = load_run(cfg.init_from)
+    from steplab.train.trainer import resolve_device
+
+    _, policy, tokenizer, _ = load_run(cfg.init_from, device=resolve_device(cfg.device))
     policy = policy.float().train()
     critic = make_critic(policy).train()
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -196,11 +199,12 @@ def run_rl(cfg: RLConfig, out: str | Path, *, resume: bool = False, progress: bo
 def update(cfg: RLConfig, policy, critic, policy_opt, critic_opt, samples: list[Sample], pad_id: int, how: str,
            max_tokens: int, step: int) -> dict:
     """One batch: advantages, K policy updates, M critic updates (ppo); returns the step's metrics."""
-    batch = pack(samples, pad_id)
+    device = next(policy.parameters()).device
+    batch = pack(samples, pad_id, device)
     mask = batch.mask
     with torch.no_grad():
         old_logp = token_logprobs(policy, batch.ids, cfg.temperature)
-        diff = ((old_logp - engine_logprobs(samples, batch.ids.shape[1])).abs() * mask).max().item()
+        diff = ((old_logp - engine_logprobs(samples, batch.ids.shape[1]).to(device)).abs() * mask).max().item()
         if cfg.algo == "ppo":
             old_values = token_values(critic, batch.ids)
             adv, returns = algos.gae(algos.token_rewards(batch.rewards, mask), old_values, mask.float(), 1.0, 1.0)
