@@ -8,9 +8,10 @@ from steplab.rl import algos
 
 
 def test_token_rewards_on_last_token():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    r = algos.token_rewards(torch.tensor([1.0, 0.5, 1.0]), mask)
-    assert r.tolist() == [[0, 0, 1, 0], [0.5, 0, 0, 0], [0, 0, 0, 0]]
+    # responses start after prompts of different lengths: the reward goes on each row's last response token
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    r = algos.token_rewards(torch.tensor([1.0, 0.5, 1.0, 2.0, 3.0]), mask)
+    assert r.tolist() == [[0, 0, 1, 0], [0.5, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2], [0, 3, 0, 0]]
 
 
 def test_gae_lambda_gamma_one_is_reward_to_go_minus_value():

@@ -29,8 +29,9 @@ AGGREGATION = {"ppo": "token-mean", "grpo": "seq-mean", "dr-grpo": "token-sum", 
 def token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) rewards: each sequence's reward on its last response token, 0 elsewhere."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    last = mask.long().sum(1) - 1
-    has = last >= 0
+    T = mask.shape[1]
+    last = T - 1 - mask.long().flip(1).argmax(1)  # index of each row's last response token (rows start anywhere)
+    has = mask.any(1)
     out[has.nonzero()[:, 0], last[has]] = rewards[has].float()
     return out
 

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from steplab.eval.sampling import grade_answer, prompt_ids
 from steplab.infer.engine import Engine, Request
 from steplab.rl.policy import Sample
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The one place RL turns a task prompt into ids: plain text after BOS, the format the starting model was
-    pretrained on. A chat model would use the chat template here (``steplab.data.chat``), never a second one."""
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+    pretrained on, the same as test-time scaling's. A chat model would use the chat template here
+    (``steplab.data.chat``), never a second one."""
+    return prompt_ids(tokenizer, prompt)
 
 
 @dataclass
@@ -118,10 +120,8 @@ class _RolloutWorker:
 
 def grade(task, item, sample: Sample) -> None:
     """ORZ's binary rule-based reward: 1 only when the answer is right and the generation ended normally (a stop
-    string or end of text); a truncated answer gets 0. ``well_formed`` = parsable answer that ended normally."""
-    check = getattr(task, "check", None)
-    correct, well = check(item, sample.text) if check else (task.grade(item, sample.text), True)
-    ended = sample.finish_reason == "stop"
-    sample.correct = bool(correct and ended)
-    sample.well_formed = bool(well and ended)
+    string or end of text); a truncated answer gets 0. ``well_formed`` = parsable answer that ended normally.
+    The same grading as test-time scaling (``steplab.eval.sampling.grade_answer``)."""
+    g = grade_answer(task, item, sample.text, sample.finish_reason)
+    sample.correct, sample.well_formed = g["correct"], g["well_formed"]
     sample.reward = 1.0 if sample.correct else 0.0
