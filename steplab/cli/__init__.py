@@ -12,12 +12,12 @@ from steplab.errors import StepLabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steplab.cli import core, edge, evaluate, extend, interop, law, serve, sft
+    from steplab.cli import core, edge, evaluate, extend, interop, law, rl, serve, sft
 
     parser = argparse.ArgumentParser(prog="steplab", description="steplab: predict before you train.")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     sub.required = True
-    for module in (core, evaluate, law, serve, interop, edge, extend, sft):  # edge after interop: it adds `export gguf`
+    for module in (core, evaluate, law, serve, interop, edge, extend, sft, rl):  # edge after interop: it adds `export gguf`
         module.register(sub)
     return parser
 

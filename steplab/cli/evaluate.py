@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"],
                    help="compute dtype (default: fp32 for --task/--suite/--lm-eval, the run's train dtype for the loss)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--samples", type=int, metavar="K",
+                   help="--task: test-time scaling from K temperature-1 samples per problem: pass@k, maj@k, best-of-k (k = 1, 2, 4, ... K)")
+    p.add_argument("--vote", choices=["majority", "best-of"], default="majority",
+                   help="--samples: the headline method (majority vote, or best-of-K by --verifier; the oracle is always shown)")
+    p.add_argument("--verifier", metavar="DIR", help="--samples: an outcome reward model from `steplab rl --train-verifier`")
     from steplab.cli.extend import add_eval_args
     add_eval_args(p)  # --lengths --depths --keys --report for --task passkey (long-context evals)
     p.set_defaults(func=cmd_eval)
@@ -45,6 +50,8 @@ def cmd_eval(args) -> int:
         return 0
     if not (args.task or args.suite or args.lm_eval):
         return _loss(args)
+    if args.samples is not None:
+        return _tts(args)
     run = Path(args.run)
     if args.suite and (run / "runs").is_dir() and not (run / "config.json").is_file():
         return _sweep(args)
@@ -84,6 +91,30 @@ def cmd_eval(args) -> int:
             print(f"{task}: {shown}")
     if args.task or args.lm_eval:
         print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _tts(args) -> int:
+    from steplab.errors import ConfigError
+    from steplab.eval.tts import plot_scaling, run_tts
+    from steplab.utils import atomic_write_json
+
+    if args.samples < 1 or not args.task:
+        raise ConfigError("--samples K needs K >= 1 and at least one --task")
+    if args.vote == "best-of" and not args.verifier:
+        raise ConfigError("--vote best-of needs --verifier DIR (an outcome reward model from `steplab rl --train-verifier`)")
+    for name in args.task:
+        res = run_tts(args.run, name, args.samples, args.items, args.seed, args.verifier,
+                      device="cpu" if args.device == "auto" else args.device)
+        t = res["table"]
+        K = max(t["pass"])
+        head = t["verifier"][K] if args.vote == "best-of" else t["maj"][K]
+        print(f"{name}: pass@1 {t['pass'][1]:.1%}, pass@{K} {t['pass'][K]:.1%}, maj@{K} {t['maj'][K]:.1%}, "
+              + (f"best-of-{K} (verifier) {t['verifier'][K]:.1%}, " if "verifier" in t else "")
+              + f"oracle@{K} {t['oracle'][K]:.1%}  [{args.vote}@{K}: {head:.1%}; {res['items']} problems, {res['seconds']} s]")
+        atomic_write_json(Path(args.run) / f"tts_{name}.json", res)
+        plot_scaling([res], Path(args.run) / f"tts_{name}.png")
+        print(f"wrote {Path(args.run) / f'tts_{name}.json'} and .png")
     return 0
 
 

@@ -286,6 +286,14 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights in place (RL: the policy after an update), only while the engine is idle,
+        so no sequence mixes tokens of two policies. The engine's logprobs then match the new weights."""
+        with self._cond:
+            if self._waiting or self._prefilling or self._running:
+                raise EngineError(f"engine {self.name!r} is busy; refresh weights only between rollouts")
+            self.model.load_state_dict(state_dict)
+
     def stats(self) -> dict:
         """A consistent snapshot of the queue, the slots and the counters (taken under the engine's lock)."""
         with self._cond:

@@ -25,6 +25,8 @@ TASKS: dict[str, str] = {
     "recall": "steplab.tasks.recall:Recall",
     "identity": "steplab.tasks.identity:Identity",
     "corpus_qa": "steplab.tasks.corpus_qa:CorpusQA",
+    "countdown": "steplab.tasks.countdown:Countdown",
+    "countdown3": "steplab.tasks.countdown:Countdown3",
 }
 
 

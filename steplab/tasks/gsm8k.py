@@ -40,5 +40,13 @@ class GSM8K(Task):
                 answer = row["answer"].split("####")[-1].strip().replace(",", "")
                 yield Item(prompt=f"Question: {row['question']}\nAnswer:", answer=answer, key=split)
 
+    def check(self, item: Item, output: str) -> tuple[bool, bool]:
+        """(correct, well_formed): well formed = the completion contains a number (its last one is the answer)."""
+        got = _number(output)
+        return got == item.answer, got is not None
+
+    def answer_key(self, item: Item, output: str) -> str | None:
+        return _number(output)
+
     def grade(self, item: Item, output: str) -> bool:
-        return _number(output) == item.answer
+        return self.check(item, output)[0]
