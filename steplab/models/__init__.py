@@ -39,6 +39,10 @@ class Family:
 
 
 def family(cfg: ModelConfig) -> Family:
+    if cfg.vision.image_size > 0:
+        from steplab.models import vision
+
+        return Family("step1v", vision.Step1V, vision.count_params)
     if cfg.moe.n_experts > 0:
         from steplab.models import moe
 
