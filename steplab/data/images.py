@@ -110,9 +110,10 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 # ---- samples ----------------------------------------------------------------------------------------------
 
-MIXTURES = {  # (kind, weight): stage 1 aligns on captions, stage 2 asks every question type
+MIXTURES = {  # (kind, weight): stage 1 aligns on captions; stage 2 asks every question type and keeps the scene
+    # captions, whose every token is about the image (dense supervision that teaches the encoder where things are)
     "captions": (("caption", 1.0), ("digits", 1.0)),
-    "vqa": tuple((t, 1.0) for t in vqa.SCENE_TYPES) + (("digits", 1.0),),
+    "vqa": tuple((t, 1.0) for t in vqa.SCENE_TYPES) + (("caption", 2.0), ("digits", 2.0)),
 }
 
 
@@ -154,14 +155,28 @@ def build_tokenizer(vocab_size: int = 512) -> Path:
     return out
 
 
-def render(tokenizer, s: vqa.Sample, n_image_tokens: int) -> tuple[list[int], list[bool]]:
-    """(ids, loss mask) of the one-turn conversation: the image slots open the user's turn, the mask covers the
-    assistant's answer and its closing <|end|>."""
+def insert_image_slots(tokenizer, ids: list[int], counts: list[int], n_tokens: int) -> list[int]:
+    """Chat-template ids with ``counts[k] * n_tokens`` image slots right after message k's role marker.
+
+    Message k's marker is the k-th role marker in ``ids``: contents are plain text and never hold control ids,
+    so the markers are exactly the template's. Images thus sit at the start of their message (LLaVA's order)."""
     from steplab.models.vision import IMAGE_SLOT
 
+    roles = {tokenizer.special_ids[f"<|{r}|>"] for r in ("system", "user", "assistant")}
+    out, k = [], 0
+    for t in ids:
+        out.append(t)
+        if t in roles:
+            out += [IMAGE_SLOT] * (counts[k] * n_tokens if k < len(counts) else 0)
+            k += 1
+    return out
+
+
+def render(tokenizer, s: vqa.Sample, n_image_tokens: int) -> tuple[list[int], list[bool]]:
+    """(ids, loss mask) of the one-turn conversation under the chat template: the image opens the user's turn,
+    the mask covers the assistant's answer and its closing <|end|>."""
     prompt = tokenizer.encode_chat([{"role": "user", "content": s.prompt}], add_generation_prompt=True)
-    user = prompt.index(tokenizer.special_ids["<|user|>"])
-    prompt = prompt[:user + 1] + [IMAGE_SLOT] * n_image_tokens + prompt[user + 1:]
+    prompt = insert_image_slots(tokenizer, prompt, [1], n_image_tokens)
     answer = tokenizer.encode(s.answer) + [tokenizer.special_ids["<|end|>"]]
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 
