@@ -78,6 +78,7 @@ class VisionConfig:
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
+    family: str = ""  # "": Step-1 dense, or Step-2 MoE when moe.n_experts > 0; else a registered family (models/__init__.py)
     vocab_size: int = 0  # 0: take it from the dataset's tokenizer
     d_model: int = 128
     n_layer: int = 4
@@ -109,7 +110,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a directory written by `steplab data prepare`
+    kind: str = "tokens"  # what path holds: "tokens" (token shards) or a registered kind (train/data.py)
+    path: str = ""  # tokens: a directory written by `steplab data prepare`; other kinds: what their builder reads
     seq_len: int = 256
 
 
@@ -329,10 +331,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
     # Step-1V (issue 19): 48x48 images, 8x8 patches (6x6), pixel-shuffled 2x2 -> 9 image tokens; a step1-nano/micro decoder.
-    "step1v-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=8, d_model=128, n_layer=3, n_head=4, pixel_shuffle=2)), data=dict(seq_len=48)),
-    "step1v-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)), data=dict(seq_len=48)),
+    "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
+        image_size=48, patch_size=8, d_model=128, n_layer=3, n_head=4, pixel_shuffle=2)), data=dict(kind="vqa", path="vqa", seq_len=48)),
+    "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
+        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)), data=dict(kind="vqa", path="vqa", seq_len=48)),
 }
 CONTEXT_VARIANTS = {"8k": 8192, "16k": 16384, "32k": 32768}
 

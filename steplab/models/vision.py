@@ -107,6 +107,11 @@ class Step1V(nn.Module):
         for part, frozen in ((self.vision, cfg.vision.freeze_encoder), (self.decoder, cfg.vision.freeze_decoder)):
             part.requires_grad_(not frozen)
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The blocks FSDP2 shards one by one (train/distributed.py): the ViT's, then the decoder's."""
+        return [*self.vision.blocks, *self.decoder.layers]
+
     def lr_multipliers(self) -> dict[str, float]:
         """Parameter-name prefix -> lr multiplier (steplab.train.optim puts each prefix in its own group)."""
         return {"projector.": self.cfg.vision.projector_lr_mult}
