@@ -195,7 +195,7 @@ def test_eval_metrics_exact_match_equals_teacher_forced_argmax(tok):
     model = Step1V(small_cfg(tok.vocab_size)).eval()
     d = I.VQAData("vqa", I.build_tokenizer(), batch_size=8, seq_len=48, n_image_tokens=9, eval_batches=1)
     m = model.eval_metrics(d.eval_batches())
-    assert m["val_loss"] > 0 and 0 <= m["answer_acc"] <= 1
+    assert m["val_loss"] > 0 and 0 <= m["val_answer_acc"] <= 1
     idx, targets, imgs = next(iter(d.eval_batches()))
     loss = model(idx, targets, imgs).item()
     assert m["val_loss"] == pytest.approx(loss, rel=1e-4)

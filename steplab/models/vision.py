@@ -166,7 +166,7 @@ class Step1V(nn.Module):
             ok = (logits.argmax(-1) == targets) | ~mask
             right += int(ok.all(dim=1).sum())
             rows += idx.shape[0]
-        return {"val_loss": loss_sum / max(n_tok, 1), "answer_acc": right / max(rows, 1)}
+        return {"val_loss": loss_sum / max(n_tok, 1), "val_answer_acc": right / max(rows, 1)}
 
     # The trainer's interface for per-step statistics: none here (as Step1).
     def step_stats(self) -> list[torch.Tensor]:
@@ -207,3 +207,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     n = count_params(cfg)["N"]
     model = 6 * (n + cfg.d_model * cfg.vocab_size) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     return {"6N": 6.0 * n, "model": float(model)}
+
+
+def _register() -> None:
+    from steplab.models import Family, register_family  # the package's registry (models/__init__.py)
+
+    register_family("step1v", lambda: Family("step1v", Step1V, count_params, flops_per_token))
+
+
+_register()
