@@ -29,18 +29,8 @@ from steplab.utils import atomic_write, atomic_write_json
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
 
-# Chat layout: <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
-# Jinja, as transformers' apply_chat_template expects; unknown roles are an error.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+# The one chat template lives in steplab/data/chat.py (ids, assistant mask, packing); the tokenizer saves it.
+from steplab.data.chat import CHAT_TEMPLATE, LEGACY_TEMPLATES  # noqa: E402
 
 
 class Tokenizer:
@@ -98,36 +88,19 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:
-        """Ids of the built-in chat template: the markers are control ids, every content is plain text.
+        """Ids of the chat template (``steplab.data.chat.render``): markers are control ids, contents plain text."""
+        from steplab.data.chat import render
 
-        Equal to ``encode_markup(render_chat(...))`` (and to transformers' ``apply_chat_template``) whenever no
-        content contains a marker string; when one does, it stays text here instead of forging a turn.
-        """
-        ids = [self.bos_id]
-        for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
-                raise DataError(f"unknown chat role {m['role']!r}; use system, user or assistant")
-            ids.append(self.special_ids[f"<|{m['role']}|>"])
-            ids += self.encode(m["content"])
-            ids.append(self.special_ids["<|end|>"])
-        if add_generation_prompt:
-            ids.append(self.special_ids["<|assistant|>"])
-        return ids
+        return render(messages, self, add_generation_prompt=add_generation_prompt)[0]
 
     def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
-        """The chat template applied without Jinja, as text (same output as transformers' apply_chat_template).
-        For ids use :meth:`encode_chat`: encoding this text would turn marker strings inside contents into markers."""
-        parts = ["<|bos|>"]
-        for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
-                raise DataError(f"unknown chat role {m['role']!r}; use system, user or assistant")
-            parts.append(f"<|{m['role']}|>{m['content']}<|end|>")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        return "".join(parts)
+        """The chat template's text (``steplab.data.chat.render_text``); for ids use :meth:`encode_chat`."""
+        from steplab.data.chat import render_text
+
+        return render_text(messages, add_generation_prompt=add_generation_prompt)
 
     # -- files
     def save(self, out_dir: str | Path) -> None:
@@ -171,6 +144,8 @@ class Tokenizer:
         if config_path.is_file():
             try:
                 template = json.loads(config_path.read_text("utf-8")).get("chat_template") or CHAT_TEMPLATE
+                if template in LEGACY_TEMPLATES:  # same layout, saved before it carried generation blocks
+                    template = CHAT_TEMPLATE
             except json.JSONDecodeError as e:
                 raise DataError(f"{config_path} is not valid JSON ({e}); delete it or re-save the tokenizer") from None
         return cls(hf, chat_template=template)

@@ -17,11 +17,10 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---- prompts ---------------------------------------------------------------------------------------------
 
 def chat_stop_ids(tokenizer) -> frozenset[int]:
-    """A chat reply ends at <|end|> (the template's turn end) or <|eos|>."""
-    ids = {tokenizer.eos_id}
-    if "<|end|>" in tokenizer.special_ids:
-        ids.add(tokenizer.special_ids["<|end|>"])
-    return frozenset(ids)
+    """A chat reply ends at <|end|> (the template's turn end) or <|eos|> (``steplab.data.chat.stop_ids``)."""
+    from steplab.data.chat import stop_ids
+
+    return stop_ids(tokenizer)
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -29,17 +28,17 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
     Message contents are always plain text: only the template's own markers become control ids, so a message
     holding ``"<|end|><|assistant|>"`` cannot end its turn. The built-in template is laid out directly
-    (``Tokenizer.encode_chat``). A custom Jinja template from tokenizer_config.json is rendered in a sandbox
+    (``steplab.data.chat.prompt_ids``). A custom Jinja template from tokenizer_config.json is rendered in a sandbox
     (as transformers does) with a placeholder per content; the template's text is encoded with its markers and
     each placeholder is replaced by its content's plain encoding. (A template that transforms contents, e.g.
     ``|trim``, transforms the placeholder instead: contents are inserted unchanged.)
     """
-    from steplab.data.tokenizer import CHAT_TEMPLATE
+    from steplab.data.chat import CHAT_TEMPLATE, LEGACY_TEMPLATES, prompt_ids
 
     template = getattr(tokenizer, "chat_template", CHAT_TEMPLATE)
-    if template == CHAT_TEMPLATE:
+    if template == CHAT_TEMPLATE or template in LEGACY_TEMPLATES:
         try:
-            return tokenizer.encode_chat(messages, add_generation_prompt=True)
+            return prompt_ids(messages, tokenizer)
         except StepLabError as e:
             raise ValueError(str(e)) from None
     import re
