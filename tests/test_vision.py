@@ -156,7 +156,7 @@ def test_held_out_splits_are_disjoint_by_source_image():
             assert s.answer == " ".join(str(labels[i]) for i in s.image[2])
         else:
             assert vqa.split_of_scene(s.image[1]) == "test"
-    assert {s.qtype for s in held} == set(vqa.SCENE_TYPES) | {"digits"}
+    assert {s.qtype for s in held} == set(vqa.SCENE_TYPES) | {"digits", "caption"}
 
 
 def test_chance_is_the_majority_answer_per_type():

@@ -155,30 +155,35 @@ def build_tokenizer(vocab_size: int = 512) -> Path:
     return out
 
 
-def insert_image_slots(tokenizer, ids: list[int], counts: list[int], n_tokens: int) -> list[int]:
-    """Chat-template ids with ``counts[k] * n_tokens`` image slots right after message k's role marker.
+def insert_image_slots(tokenizer, ids: list[int], counts: list[int], n_tokens: int,
+                       mask: list[int] | None = None) -> tuple[list[int], list[int] | None]:
+    """Chat-template ids (and their assistant mask) with ``counts[k] * n_tokens`` image slots (mask 0) right after
+    message k's role marker.
 
     Message k's marker is the k-th role marker in ``ids``: contents are plain text and never hold control ids,
     so the markers are exactly the template's. Images thus sit at the start of their message (LLaVA's order)."""
     from steplab.models.vision import IMAGE_SLOT
 
     roles = {tokenizer.special_ids[f"<|{r}|>"] for r in ("system", "user", "assistant")}
-    out, k = [], 0
-    for t in ids:
+    out, out_mask, k = [], [], 0
+    for i, t in enumerate(ids):
         out.append(t)
+        out_mask.append(mask[i] if mask is not None else 0)
         if t in roles:
-            out += [IMAGE_SLOT] * (counts[k] * n_tokens if k < len(counts) else 0)
+            n = counts[k] * n_tokens if k < len(counts) else 0
+            out += [IMAGE_SLOT] * n
+            out_mask += [0] * n
             k += 1
-    return out
+    return out, (out_mask if mask is not None else None)
 
 
-def render(tokenizer, s: vqa.Sample, n_image_tokens: int) -> tuple[list[int], list[bool]]:
-    """(ids, loss mask) of the one-turn conversation under the chat template: the image opens the user's turn,
-    the mask covers the assistant's answer and its closing <|end|>."""
-    prompt = tokenizer.encode_chat([{"role": "user", "content": s.prompt}], add_generation_prompt=True)
-    prompt = insert_image_slots(tokenizer, prompt, [1], n_image_tokens)
-    answer = tokenizer.encode(s.answer) + [tokenizer.special_ids["<|end|>"]]
-    return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+def render(tokenizer, s: vqa.Sample, n_image_tokens: int) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of the one-turn conversation under the chat template (``steplab.data.chat``): the image
+    opens the user's turn; the mask is 1 on the assistant's answer and its closing <|end|>."""
+    from steplab.data.chat import render as chat_render
+
+    ids, mask = chat_render([{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}], tokenizer)
+    return insert_image_slots(tokenizer, ids, [1], n_image_tokens, mask)
 
 
 def collate(tokenizer, samples: list[vqa.Sample], n_image_tokens: int, seq_len: int) -> tuple[torch.Tensor, ...]:

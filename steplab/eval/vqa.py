@@ -41,7 +41,7 @@ class ZeroImages(torch.nn.Module):
 
 def prompt_ids(tokenizer, s: vqa.Sample, n_image_tokens: int) -> list[int]:
     ids, mask = I.render(tokenizer, s, n_image_tokens)
-    return ids[:mask.index(True)]
+    return ids[:mask.index(1)]  # through the <|assistant|> opener: what the API builds for the question
 
 
 def answer(engine: Engine, tokenizer, samples: list[vqa.Sample], pixels: list[np.ndarray], n_image_tokens: int) -> list[str]:

@@ -122,5 +122,5 @@ def image_prompt(tokenizer, prompt: list[int], per_message: list[list[np.ndarray
     counts = [len(found) for found in per_message]
     if not any(counts):
         return prompt, None
-    ids = insert_image_slots(tokenizer, prompt, counts, n_tokens)
+    ids, _ = insert_image_slots(tokenizer, prompt, counts, n_tokens)
     return ids, torch.stack([to_tensor(p) for found in per_message for p in found])
