@@ -63,7 +63,9 @@ class VisionConfig:
     n_head: int = 4
     pixel_shuffle: int = 1  # s: s x s neighbouring patches become one image token (s^2 fewer tokens)
     projector_hidden: int = 0  # 0: the decoder's d_model
-    projector_lr_mult: float = 1.0  # the projector's lr = train.lr x this (nanoVLM: ~100x the backbones')
+    # the projector's lr = train.lr x this. nanoVLM uses ~100x over *pretrained* backbones; here every part starts
+    # from scratch, and 10x blew the projector's output up ~10^4-fold over the token embeddings (docs/LOG.md)
+    projector_lr_mult: float = 1.0
     freeze_encoder: bool = False
     freeze_decoder: bool = False
 
@@ -330,11 +332,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=128, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~0.86M, N ~2.0M
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
-    # Step-1V (issue 19): 48x48 images, 8x8 patches (6x6), pixel-shuffled 2x2 -> 9 image tokens; a step1-nano/micro decoder.
+    # Step-1V (issue 19): 48x48 images; nano: 16x16 patches (one per cell of the drawn 3x3 grid) -> 9 image tokens;
+    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro.
     "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=8, d_model=128, n_layer=3, n_head=4, pixel_shuffle=2)), data=dict(kind="vqa", path="vqa", seq_len=48)),
+        image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1)),
+        data=dict(kind="vqa", path="vqa", seq_len=48)),
     "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)), data=dict(kind="vqa", path="vqa", seq_len=48)),
+        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)),
+        data=dict(kind="vqa", path="vqa", seq_len=48)),
 }
 CONTEXT_VARIANTS = {"8k": 8192, "16k": 16384, "32k": 32768}
 

@@ -53,7 +53,7 @@ def test_vision_config_is_validated():
 
 
 def test_pixel_shuffle_groups_neighbouring_patches():
-    cfg = small_cfg(300)
+    cfg = small_cfg(300, patch_size=8, pixel_shuffle=2)
     proj = Projector(cfg.vision, cfg.d_model)
     side, D = 6, cfg.vision.d_model
     x = torch.arange(side * side, dtype=torch.float32)[None, :, None].expand(1, side * side, D)  # patch index as value
@@ -199,3 +199,23 @@ def test_eval_metrics_exact_match_equals_teacher_forced_argmax(tok):
     idx, targets, imgs = next(iter(d.eval_batches()))
     loss = model(idx, targets, imgs).item()
     assert m["val_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path):
+    from steplab.train.metrics import read_jsonl
+    from steplab.train.trainer import train
+
+    threads = torch.get_num_threads()
+    sets = ["model.d_model=64", "model.n_layer=2", "model.d_ff=128", "model.vision.n_layer=1", "model.vision.d_model=32",
+            "train.batch_size=4", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=1", "train.ckpt_every=2",
+            "train.threads=1", "train.dtype=fp32"]
+    try:
+        full = train(resolve("step1v-nano", overrides=sets), tmp_path / "full", progress=False)
+        # stopped after 2 steps (still in warmup, so the lr schedule is the same), then resumed to 4
+        train(resolve("step1v-nano", overrides=sets + ["train.max_steps=2"]), tmp_path / "part", progress=False)
+        train(resolve("step1v-nano", overrides=sets), tmp_path / "part", resume=True, progress=False, allow_config_change=True)
+    finally:
+        torch.set_num_threads(threads)
+    losses = lambda run: [r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert losses("full") == losses("part") and len(losses("full")) == 4
+    assert {"val_loss", "val_answer_acc"} <= set(full) and (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()

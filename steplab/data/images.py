@@ -1,8 +1,9 @@
 """Images for Step-1V, drawn or loaded with no download, and the training stream the trainer reads.
 
 - scenes (``steplab.tasks.vqa``): drawn with Pillow on a 48x48 black canvas, one object per 16x16 cell;
-- digit grids: 2x2 handwritten digits, 24x24 each, from scikit-learn's bundled ``load_digits`` (8x8, upscaled
-  3x) or, for the larger benchmark, MNIST's test images in ``../shared/data/mnist`` (28x28, resized);
+- digit grids: 4 handwritten digits in the corner cells (16x16 each) of the same 3x3 grid, from scikit-learn's
+  bundled ``load_digits`` (8x8, upscaled 2x) or, for the larger benchmark, MNIST's test images in
+  ``../shared/data/mnist`` (28x28, resized to 16x16);
 - :class:`VQAData`: the ``vqa`` data kind. ``data.path`` chooses the mixture: ``captions`` (stage 1: scene and
   digit captions) or ``vqa`` (stage 2: scene questions of every type plus digit captions); a ``:mnist`` suffix
   draws the digit grids from MNIST instead. Every example is a one-turn conversation under the chat template,
@@ -55,13 +56,13 @@ def draw_scene(scene: vqa.Scene) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def digit_source(source: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(images (n, 24, 24) uint8, labels, {"train": indices, "test": indices}) for ``sklearn`` or ``mnist``."""
+    """(images (n, 16, 16) uint8, labels, {"train": indices, "test": indices}) for ``sklearn`` or ``mnist``."""
     if source == "sklearn":
         from sklearn.datasets import load_digits
 
         d = load_digits()
         small = (d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-        images, labels = np.kron(small, np.ones((1, 3, 3), dtype=np.uint8)), d.target
+        images, labels = np.kron(small, np.ones((1, 2, 2), dtype=np.uint8)), d.target
     elif source == "mnist":
         images, labels = _mnist_test()
     else:
@@ -84,14 +85,20 @@ def _mnist_test() -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"MNIST test files not found in {root}; set STEPLAB_SHARED to the shared directory or use the sklearn digits")
     raw = np.frombuffer(gzip.open(files[0]).read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.frombuffer(gzip.open(files[1]).read(), dtype=np.uint8, offset=8).astype(np.int64)
-    small = np.stack([np.asarray(Image.fromarray(a).resize((24, 24), Image.BILINEAR)) for a in raw])
+    small = np.stack([np.asarray(Image.fromarray(a).resize((CELL, CELL), Image.BILINEAR)) for a in raw])
     return small, labels
+
+
+DIGIT_CELLS = (0, 2, 6, 8)  # the corners, in reading order: the caption lists the digits in this order
 
 
 def draw_digits(source: str, indices: tuple[int, ...]) -> np.ndarray:
     images = digit_source(source)[0]
-    top, bottom = np.hstack([images[indices[0]], images[indices[1]]]), np.hstack([images[indices[2]], images[indices[3]]])
-    return np.repeat(np.vstack([top, bottom])[..., None], 3, axis=2)
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for cell, i in zip(DIGIT_CELLS, indices, strict=True):
+        row, col = divmod(cell, vqa.GRID)
+        canvas[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = images[i]
+    return np.repeat(canvas[..., None], 3, axis=2)
 
 
 def draw(spec: tuple) -> np.ndarray:

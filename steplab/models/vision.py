@@ -69,8 +69,11 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(v.d_model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) floats in [0, 1] -> (B, side*side, d) patch features in row-major order."""
-        x = self.patch(images * 2 - 1).flatten(2).transpose(1, 2) + self.pos
+        """(B, 3, H, W) floats in [0, 1] -> (B, side*side, d) patch features in row-major order.
+
+        Pixels go in unshifted: a black patch embeds to the bias alone, so the empty background adds no large
+        component shared by every token (with [-1, 1] inputs it dominated the image tokens, see docs/LOG.md)."""
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
