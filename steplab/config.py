@@ -397,7 +397,8 @@ def _coerce(path: str, value: Any, typ: type) -> Any:
                 return False
             raise ConfigError(f"{path} expects true/false, got {value!r}")
         try:
-            number = float(text)
+            # integers exactly (float() rounds 2**63 - 1 up to 2**63)
+            number = int(text) if typ is int and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
             raise ConfigError(f"{path} expects {typ.__name__}, got {value!r}") from None
         value = number
