@@ -51,6 +51,32 @@ class RopeConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Step-1V image side (models/vision.py): a ViT over square RGB images and an MLP projector into the decoder.
+    ``image_size == 0`` means no vision tower (a text model). Stage 1 of LLaVA's recipe trains the projector
+    alone (``freeze_encoder`` and ``freeze_decoder``); stage 2 trains everything."""
+
+    image_size: int = 0  # pixels per side; 0: no vision tower
+    patch_size: int = 8
+    d_model: int = 128  # ViT width
+    n_layer: int = 2
+    n_head: int = 4
+    pixel_shuffle: int = 1  # s: s x s neighbouring patches become one image token (s^2 fewer tokens)
+    projector_hidden: int = 0  # 0: the decoder's d_model
+    # the projector's lr = train.lr x this. nanoVLM uses ~100x over *pretrained* backbones; here every part starts
+    # from scratch, and 10x blew the projector's output up ~10^4-fold over the token embeddings (docs/LOG.md)
+    projector_lr_mult: float = 1.0
+    freeze_encoder: bool = False
+    freeze_decoder: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        """Image tokens per image in the decoder's sequence."""
+        side = self.image_size // self.patch_size // self.pixel_shuffle
+        return side * side
+
+
+@dataclass
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
@@ -68,6 +94,7 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     doc_mask_token: int = -1  # >= 0: in training, attention stays inside the documents this token starts
 
     def __post_init__(self) -> None:
@@ -170,7 +197,21 @@ class RunConfig:
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
         _validate_rope(m)
+        _validate_vision(m)
         return self
+
+
+def _validate_vision(m: ModelConfig) -> None:
+    v = m.vision
+    if v.image_size == 0:
+        return
+    if v.image_size % (v.patch_size * v.pixel_shuffle):
+        raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size x pixel_shuffle = "
+                          f"{v.patch_size * v.pixel_shuffle}")
+    if v.d_model % v.n_head or (v.d_model // v.n_head) % 2:
+        raise ConfigError(f"model.vision.n_head={v.n_head} must divide model.vision.d_model={v.d_model} into even head dims")
+    if v.d_model % 4:
+        raise ConfigError(f"model.vision.d_model={v.d_model} must be a multiple of 4 (2D sin-cos position encoding)")
 
 
 def _validate_rope(m: ModelConfig) -> None:
@@ -230,6 +271,11 @@ RANGES: dict[str, Range] = {
     "model.rope.beta_fast": POSITIVE, "model.rope.beta_slow": POSITIVE,
     "model.rope.attention_factor": AT_LEAST_0,  # 0: yarn's 0.1 ln s + 1
     "model.rope.low_freq_factor": POSITIVE, "model.rope.high_freq_factor": POSITIVE,
+    "model.vision.image_size": AT_LEAST_0,  # 0: no vision tower
+    "model.vision.patch_size": AT_LEAST_1, "model.vision.d_model": AT_LEAST_1, "model.vision.n_layer": AT_LEAST_1,
+    "model.vision.n_head": AT_LEAST_1, "model.vision.pixel_shuffle": AT_LEAST_1,
+    "model.vision.projector_hidden": AT_LEAST_0,  # 0: the decoder's d_model
+    "model.vision.projector_lr_mult": POSITIVE,
     "model.moe.n_experts": AT_LEAST_0,  # 0: dense (Step-1)
     "model.moe.top_k": AT_LEAST_1, "model.moe.n_shared": AT_LEAST_0,
     "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
@@ -299,6 +345,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-nano": dict(model=dict(d_model=128, n_layer=4, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=128, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~0.86M, N ~2.0M
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
+    # Step-1V (issue 19): 48x48 images; nano: 16x16 patches (one per cell of the drawn 3x3 grid) -> 9 image tokens;
+    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro.
+    "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
+        image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1)),
+        data=dict(kind="vqa", path="vqa", seq_len=48)),
+    "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
+        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)),
+        data=dict(kind="vqa", path="vqa", seq_len=48)),
 }
 CONTEXT_VARIANTS = {"8k": 8192, "16k": 16384, "32k": 32768}
 
@@ -358,7 +412,8 @@ def _coerce(path: str, value: Any, typ: type) -> Any:
         if typ is int and text.lstrip("+-").isdigit():  # exact: float() would round integers above 2**53
             return int(text)
         try:
-            number = float(text)
+            # integers exactly (float() rounds 2**63 - 1 up to 2**63)
+            number = int(text) if typ is int and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
             raise ConfigError(f"{path} expects {typ.__name__}, got {value!r}") from None
         value = number

@@ -144,3 +144,65 @@ def test_chat_page_converses_with_an_sft_model(browser):
             ["Hi! Who are you?", "What is 23 + 45?"]
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "chat_page_sft.png"))
+
+
+@pytest.fixture(scope="module")
+def vision_server():
+    """A small random-initialised Step-1V model: what matters here is that the page sends the image and the
+    reply equals the API's greedy answer for the same image (issue 19)."""
+    import torch
+
+    from steplab.config import preset
+    from steplab.data import images as I
+    from steplab.data.tokenizer import Tokenizer
+    from steplab.models.vision import Step1V
+    from steplab.serve.app import create_app
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load(I.build_tokenizer())
+    cfg = preset("step1v-nano").model
+    cfg.vocab_size = tok.vocab_size
+    cfg.d_model, cfg.n_layer, cfg.d_ff, cfg.vision.n_layer = 64, 2, 128, 1
+    app = create_app({"step-1v": (Step1V(cfg).eval(), tok)}, api_keys={KEY})
+    with Server(app) as srv:
+        yield srv
+
+
+def test_chat_page_attaches_an_image(vision_server, browser, tmp_path):
+    import httpx
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from steplab.data import images as I
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(I.draw(("scene", 40))).save(path)
+    browser.get(vision_server.url + "/")
+    browser.execute_script(f"localStorage.setItem('steplab_api_key', '{KEY}')")
+    browser.get(vision_server.url + "/")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    for field, value in (("max_tokens", "12"), ("temperature", "0")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "image").send_keys(str(path))
+    _wait(browser, lambda d: d.find_element(By.ID, "attachment").is_displayed())
+    browser.find_element(By.ID, "input").send_keys("what shape is the red object?")
+    browser.find_element(By.ID, "send").click()
+    reply = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[-1]
+    _wait(browser, lambda d: reply.get_attribute("data-state") == "done")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user img.thumb"), "the user message shows no image"
+    assert not browser.find_element(By.ID, "attachment").is_displayed()  # sent: the attachment is cleared
+    sent = browser.execute_script("return history[0].content")
+    assert [p["type"] for p in sent] == ["image_url", "text"] and sent[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    # the page's reply is the API's greedy answer for the same image and question
+    body = {"model": "step-1v", "temperature": 0, "max_tokens": 12,
+            "messages": [{"role": "user", "content": sent}]}
+    r = httpx.post(vision_server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    shown = browser.execute_script("return arguments[0].textContent", reply.find_element(By.CLASS_NAME, "content"))
+    assert shown == r.json()["choices"][0]["message"]["content"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "chat_page_image.png"))
+    assert (ARTIFACTS / "chat_page_image.png").stat().st_size > 1000

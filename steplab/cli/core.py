@@ -131,7 +131,9 @@ def cmd_train(args) -> int:
     cfg = resolve(args.preset, args.config, overrides)
     t0 = time.time()
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, allow_config_change=args.allow_config_change)
-    print(f"val loss {summary['val_loss']:.4f}, bits/byte {summary['val_bpb']:.4f}, "
+    others = "".join(f", {k} {v:.4f}" for k, v in summary.items() if k.startswith("val_") and k not in ("val_loss", "val_bpb"))
+    bpb = f", bits/byte {summary['val_bpb']:.4f}" if "val_bpb" in summary else ""  # text; other families: their own val_*
+    print(f"val loss {summary['val_loss']:.4f}{bpb}{others}, "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}, wall {time.time() - t0:.1f} s -> {args.out}")
     return 0
 

@@ -48,6 +48,8 @@ def cmd_eval(args) -> int:
             note = t.unavailable()
             print(f"{name:18s} {t.kind:8s} chance {t.chance:4.0%}  {t.description}" + (f"  [unavailable: {note}]" if note else ""))
         return 0
+    if args.task == ["vqa"]:
+        return _vqa(args)
     if not (args.task or args.suite or args.lm_eval):
         return _loss(args)
     if args.samples is not None:
@@ -115,6 +117,22 @@ def _tts(args) -> int:
         atomic_write_json(Path(args.run) / f"tts_{name}.json", res)
         plot_scaling([res], Path(args.run) / f"tts_{name}.png")
         print(f"wrote {Path(args.run) / f'tts_{name}.json'} and .png")
+    return 0
+
+
+def _vqa(args) -> int:
+    """Step-1V: held-out VQA accuracy per question type and the image-use checks (steplab/eval/vqa.py)."""
+    from steplab.eval.vqa import markdown, run_vqa
+    from steplab.train.checkpoint import load_run
+    from steplab.train.trainer import resolve_device
+
+    cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
+    if cfg.model.vision.image_size == 0:
+        print(f"error: {args.run} is not a Step-1V run (model.vision.image_size is 0); --task vqa needs an image model")
+        return 2
+    res = run_vqa(model.float(), tokenizer, n=args.items, seed=args.seed)
+    print(markdown(res))
+    print(json.dumps({"run": args.run, "step": step, **{k: v for k, v in res.items() if k != "answers"}}, indent=2))
     return 0
 
 

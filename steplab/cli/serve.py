@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reverse proxy (address or network, repeatable) whose X-Forwarded-For names the client; "
                         "default none: the connecting address is the client")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    p.add_argument("--max-chat-request-bytes", type=int,
+                   help="the chat route's limit (default: --max-request-bytes plus room for 4 images when a model reads images)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refuse them)")
     p.add_argument("--max-len", type=int, help="context per sequence (KV-cache length; default: the model's max_seq_len)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step (default 512)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -102,7 +105,8 @@ def cmd_serve(args) -> int:
     app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, auth_failure_limit=failure_limit,
                      trusted_proxies=args.trusted_proxy or None, max_request_bytes=args.max_request_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                     max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype)
+                     max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype,
+                     max_chat_request_bytes=args.max_chat_request_bytes, allow_remote_images=args.allow_remote_images)
     for name, engine in app.state.engines.items():
         print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch})")
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"

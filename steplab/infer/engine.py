@@ -92,6 +92,8 @@ class Request:
     # None: off; k: every prompt token's logprob given the tokens before it (None for the first) and the k most
     # likely tokens there, delivered once per choice before its first token (prompt scoring; max_tokens may be 0).
     prompt_logprobs: int | None = None
+    # Step-1V: (n_images, 3, H, W) pixels for the prompt's image slots, in order (models/vision.py); None: text only
+    images: torch.Tensor | None = None
 
 
 @dataclass
@@ -215,6 +217,7 @@ class _Prefill:
     def __init__(self, handle: Handle, seqs: list[_Seq]):
         self.handle, self.seqs, self.pos = handle, seqs, 0
         self.prompt_logprobs: list[Logprob | None] = [None]  # the first token has no context
+        self.embeds: torch.Tensor | None = None  # (1, T, d) prompt embeddings of a request with images
 
 
 class Engine:
@@ -321,6 +324,8 @@ class Engine:
                 f"this model's maximum context length is {self.context_len} tokens, but {n_prompt + request.max_tokens} "
                 f"were requested ({n_prompt} in the prompt + {request.max_tokens} for the completion); "
                 f"shorten the prompt or lower max_tokens")
+        if request.images is not None and not hasattr(self.model, "embed"):
+            raise ValueError(f"model {self.name!r} does not read images; send text only")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         for name in ("logprobs", "prompt_logprobs"):
@@ -426,7 +431,13 @@ class Engine:
             prompt, first = pre.handle.request.prompt, pre.seqs[0]
             chunk = prompt[pre.pos:pre.pos + budget]
             ids = torch.tensor([chunk], device=self.device)
-            logits = self.model(ids, cache=self.cache, slots=torch.tensor([first.slot], device=self.device))
+            extra = {}
+            if pre.handle.request.images is not None:  # image features for the whole prompt once, fed chunk by chunk
+                if pre.embeds is None:
+                    pre.embeds = self.model.embed(torch.tensor([prompt], device=self.device),
+                                                  pre.handle.request.images.to(self.device, self.cache.k.dtype))
+                extra["embeds"] = pre.embeds[:, pre.pos:pre.pos + len(chunk)]
+            logits = self.model(ids, cache=self.cache, slots=torch.tensor([first.slot], device=self.device), **extra)
             if pre.handle.request.prompt_logprobs is not None:
                 targets = prompt[pre.pos + 1:pre.pos + len(chunk) + 1]  # what each chunk position predicts
                 pre.prompt_logprobs += _score(logits[0, :len(targets)], targets, pre.handle.request.prompt_logprobs)

@@ -62,14 +62,15 @@ class Step1(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or the mean cross-entropy over the non-ignored ``targets`` when given.
 
         With a ``cache``, row b of ``idx`` continues the sequence in cache slot ``slots[b]`` (default: row b)
-        from position ``cache.lengths[slot]``; the cache lengths advance by T.
+        from position ``cache.lengths[slot]``; the cache lengths advance by T. ``embeds`` (B, T, d_model), when
+        given, replaces the token embeddings: Step-1V (models/vision.py) puts image features at image places.
         """
         B, T = idx.shape
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) if embeds is None else embeds
         segments = None
         if cache is None:
             if T > self.cfg.max_seq_len:

@@ -28,6 +28,7 @@ from steplab.serve.auth import AUTH_FAILURE_LIMIT, KeyChecker, RateLimiter
 from steplab.serve.common import ServeState
 from steplab.serve.errors import install_error_handlers
 from steplab.serve.gate import Gate
+from steplab.serve.media import chat_request_bytes
 from steplab.serve.metrics import Metrics
 from steplab.serve.routes import chat, completions, health, models as model_routes
 from steplab.serve.schema import openapi_components
@@ -55,14 +56,18 @@ def load_engine(name: str, spec: Any, *, device: str = "cpu", dtype: str | None 
 def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit: str | list | None = None,
                auth_failure_limit: str | None = AUTH_FAILURE_LIMIT, trusted_proxies: list[str] | None = None,
                max_request_bytes: int = 1_000_000, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-               max_len: int | None = None, device: str = "cpu", dtype: str | None = None) -> FastAPI:
+               max_len: int | None = None, device: str = "cpu", dtype: str | None = None,
+               max_chat_request_bytes: int | None = None, allow_remote_images: bool = False) -> FastAPI:
     """The API over ``models``: name -> run directory, ``Engine``, or ``(model, tokenizer)``.
 
     ``api_keys=None`` turns authentication off (the caller must say so; an empty set is refused).
     ``rate_limit``: ``"60/minute"``-style (several joined by ';'), per key (per client address when auth is off).
     ``auth_failure_limit``: failed authentications allowed per client address before 429s (None: no limit).
     ``trusted_proxies``: addresses/networks whose ``X-Forwarded-For`` names the client (default: none, the peer
-    address is the client). Engines built here are started with the app and stopped with it; engines passed in
+    address is the client). ``max_request_bytes`` limits every body except the chat route's, which takes
+    images: ``max_chat_request_bytes`` (default: that plus room for serve/media.py's MAX_IMAGES images when a
+    served model reads images, else the same limit).
+    ``allow_remote_images``: fetch http(s) image URLs (default: refuse them with a 400). Engines built here are started with the app and stopped with it; engines passed in
     are started if needed and left running.
     """
     if not models:
@@ -75,7 +80,8 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     st = ServeState(engines=engines, metrics=metrics, created=int(time.time()),
                     checker=KeyChecker(api_keys) if api_keys is not None else None,
                     limiter=RateLimiter(rate_limit) if rate_limit else None,
-                    auth_failures=RateLimiter(auth_failure_limit) if auth_failure_limit and api_keys is not None else None)
+                    auth_failures=RateLimiter(auth_failure_limit) if auth_failure_limit and api_keys is not None else None,
+                    allow_remote_images=allow_remote_images)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -108,7 +114,10 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(Gate, max_bytes=max_request_bytes, metrics=metrics, state=st)
+    reads_images = any(getattr(getattr(e.model.cfg, "vision", None), "image_size", 0) for e in engines.values())
+    chat_bytes = max_chat_request_bytes or (chat_request_bytes(max_request_bytes) if reads_images else max_request_bytes)
+    app.add_middleware(Gate, max_bytes=max_request_bytes, metrics=metrics, state=st,
+                       route_bytes={"/v1/chat/completions": chat_bytes})
     if trusted_proxies:
         from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 

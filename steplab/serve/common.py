@@ -25,6 +25,7 @@ class ServeState:
     created: int = 0
     tables: dict[str, list] = field(default_factory=dict)
     in_flight: int = 0  # HTTP handlers running (kept by the Gate middleware)
+    allow_remote_images: bool = False  # http(s) image URLs in chat requests (serve/media.py); off: 400
 
     def table(self, name: str) -> list:
         from steplab.serve.tokens import token_table
@@ -99,7 +100,7 @@ def engine_for(request: HTTPRequest, name: str) -> Engine:
 
 
 def submit(engine: Engine, body, prompt: list[int], stop_ids: frozenset[int], logprobs: int | None, param: str,
-           default_max_tokens: int | None = None, prompt_logprobs: int | None = None):
+           default_max_tokens: int | None = None, prompt_logprobs: int | None = None, images=None):
     """Build the engine Request from an API body and queue it; engine errors become API errors."""
     max_tokens = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
@@ -119,7 +120,7 @@ def submit(engine: Engine, body, prompt: list[int], stop_ids: frozenset[int], lo
                       top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
                       presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                       logprobs=logprobs, stop=tuple(body.stop or ()), stop_ids=stop_ids, n=body.n or 1,
-                      prompt_logprobs=prompt_logprobs)
+                      prompt_logprobs=prompt_logprobs, images=images)
     try:
         return engine.submit(request)
     except ContextLengthError as e:

@@ -16,8 +16,11 @@ ENDPOINTS = {"/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/com
 
 
 class Gate:
-    def __init__(self, app, max_bytes: int, metrics: Metrics, state):
+    """``max_bytes`` for every route, except the paths in ``route_bytes`` (e.g. the chat route, which takes images)."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, state, route_bytes: dict[str, int] | None = None):
         self.app, self.max_bytes, self.metrics, self.state = app, max_bytes, metrics, state
+        self.route_bytes = route_bytes or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -36,9 +39,10 @@ class Gate:
         try:
             if scope["method"] not in ("POST", "PUT", "PATCH"):
                 return await self.app(scope, receive, send_status)
+            limit = self.route_bytes.get(path, self.max_bytes)
             declared = dict(scope["headers"]).get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-                return await self._too_large(send_status)
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                return await self._too_large(send_status, limit)
             body, more = bytearray(), True
             while more:
                 message = await receive()
@@ -46,8 +50,8 @@ class Gate:
                     return
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
-                if len(body) > self.max_bytes:
-                    return await self._too_large(send_status)
+                if len(body) > limit:
+                    return await self._too_large(send_status, limit)
             replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
             async def receive_again():
@@ -62,8 +66,8 @@ class Gate:
             self.metrics.in_flight.dec()
             self.metrics.observe_request(endpoint, status[0] or 499, time.perf_counter() - started)
 
-    async def _too_large(self, send) -> None:
-        body = json.dumps(error_body(f"request body is larger than this server's limit of {self.max_bytes} bytes",
+    async def _too_large(self, send, limit: int) -> None:
+        body = json.dumps(error_body(f"request body is larger than this route's limit of {limit} bytes",
                                      code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

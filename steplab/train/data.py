@@ -38,7 +38,7 @@ class TrainData(Protocol):
 
 
 # Data kinds registered by modules the trainer imports on demand: kind -> module (which calls register_data).
-DATA_MODULES: dict[str, str] = {"chat": "steplab.data.chat_data"}
+DATA_MODULES: dict[str, str] = {"chat": "steplab.data.chat_data", "vqa": "steplab.data.images"}
 
 _BUILDERS: dict[str, Callable[[RunConfig], TrainData]] = {}
 

@@ -11,13 +11,20 @@ from steplab.config import TrainConfig
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """Decay matrices and embeddings; never norms (1-D weights), whose scale decay would only fight.
 
+    A model may scale the learning rate of some parameters: ``model.lr_multipliers()`` maps parameter-name
+    prefixes to multipliers (Step-1V's projector learns faster than the backbones, as in nanoVLM). Each
+    (weight decay, multiplier) pair is one param group with an ``lr_mult`` key; the trainer sets every group's
+    lr to the schedule's lr times it. Frozen parameters (requires_grad False) are left out.
     The fused kernel (one pass over all parameters) exists for CUDA and, since torch 2.4, for CPU.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device_type in ("cuda", "cpu"))
+    mults = model.lr_multipliers() if hasattr(model, "lr_multipliers") else {}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {(cfg.weight_decay, 1.0): [], (0.0, 1.0): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((cfg.weight_decay if p.dim() >= 2 else 0.0, mult), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": wd, "lr_mult": mult} for (wd, mult), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device_type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

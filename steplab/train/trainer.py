@@ -224,7 +224,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         loss_sum, extra_stats = 0.0, {}
         for micro in range(tc.grad_accum):
             batch = data.next_batch()  # the global batch; this rank trains on its rows
