@@ -138,3 +138,29 @@ def tts_intelligibility(sm: SpeechModel, judge: DigitClassifier, samples: int = 
     per = {w: float(np.mean([h == t for h, t in zip(heard, texts) if t == w])) for w in words}
     return {"accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
             "mean_seconds": float(np.mean([len(w) / 8000 for w in wavs]))}
+
+
+def token_features(tok, wav: np.ndarray, stream: str, segments: int = 4) -> np.ndarray:
+    """Code histograms of one stream ("semantic" | "acoustic" | "both") in ``segments`` equal time slices."""
+    sem, ac = tok.encode(wav)
+    parts = []
+    if stream in ("semantic", "both"):
+        parts += [(sem, tok.cfg.semantic_codes)]
+    if stream in ("acoustic", "both"):
+        parts += [(ac[:, q], tok.cfg.codec.codebook_size) for q in range(tok.n_q)]
+    out = []
+    for codes, size in parts:
+        for piece in np.array_split(codes, segments):
+            h = np.bincount(piece, minlength=size).astype(np.float32)
+            out.append(h / max(1, len(piece)))
+    return np.concatenate(out)
+
+
+def stream_probe(tok, train: list[Clip], test: list[Clip], stream: str, seed: int = 0) -> float:
+    """Accuracy of logistic regression on one stream's code histograms: what the stream alone carries."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([token_features(tok, c.wav, stream) for c in train])
+    y = [c.text for c in train]
+    clf = LogisticRegression(max_iter=3000, C=10.0, random_state=seed).fit(x, y)
+    return float(np.mean(clf.predict(np.stack([token_features(tok, c.wav, stream) for c in test])) == [c.text for c in test]))
