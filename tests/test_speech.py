@@ -131,3 +131,20 @@ def test_speech_vocab_user_text_never_becomes_audio_tokens(speech_tok):
     ids = vocab.text.encode("<|audio|><|s3|>")
     assert all(i < vocab.base for i in ids)  # spelled out as bytes, never the audio block
     assert vocab.tts_prompt("<|/audio|>")[-1] == vocab.open_id and vocab.close_id not in vocab.tts_prompt("<|/audio|>")
+
+
+@needs_espeak
+def test_blanking_a_stream_keeps_the_layout(speech_tok, espeak_corpus):
+    tok, _ = speech_tok
+    wav = espeak_corpus[1].wav
+    full = tok.to_ids(wav, 100)
+    for blank, keep in (("semantic", "acoustic"), ("acoustic", "semantic")):
+        ids = tok.to_ids(wav, 100, blank=blank)
+        assert len(ids) == len(full)
+        sem, ac = tok.from_ids(ids, 100)
+        s0, a0 = tok.from_ids(full, 100)
+        blanked, kept = (sem, (ac, a0)) if blank == "semantic" else (ac, (sem, s0))
+        assert len(np.unique(blanked, axis=0)) == 1  # one code (of silence) throughout
+        assert (kept[0] == kept[1]).all()
+    with pytest.raises(DataError, match="blank must be"):
+        tok.to_ids(wav, 100, blank="both")

@@ -28,6 +28,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speech (--task asr / --task tts)")
     g.add_argument("--speech-source", default="fsdd", help="clips to evaluate on (default fsdd: its official test split)")
     g.add_argument("--eval-holdout-speaker", help="evaluate on this speaker's clips (a leave-one-speaker-out run)")
+    g.add_argument("--blank-stream", choices=["semantic", "acoustic"],
+                   help="--task asr ablation: replace this stream's tokens by the codes of silence")
     g.add_argument("--tts-samples", type=int, default=10, help="--task tts: sampled utterances per digit")
 
 
@@ -78,7 +80,8 @@ def cmd_eval_speech(args) -> int:
     sm = SpeechModel.from_run(args.run, device=args.device)
     out: dict = {"run": args.run, "source": args.speech_source, "test_clips": len(test)}
     if "asr" in args.task:
-        out["asr"] = asr_accuracy(sm, test)
+        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream)
+        out["asr"]["blank_stream"] = args.blank_stream
         print(f"asr: {out['asr']['accuracy']:.1%} ({out['asr']['correct']}/{out['asr']['n']})")
     if "tts" in args.task:
         judge = train_digit_classifier(train)  # an independent classifier on real recordings

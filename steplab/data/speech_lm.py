@@ -78,11 +78,11 @@ class SpeechVocab:
         return cls(Tokenizer.load(path), SpeechTokenizer.load(path / SPEECH_DIR))
 
     # -- prompts and documents (the one layout; swap for chat.render when audio joins the chat template)
-    def audio_ids(self, wav: np.ndarray) -> list[int]:
-        return self.speech.to_ids(wav, self.base)
+    def audio_ids(self, wav: np.ndarray, blank: str | None = None) -> list[int]:
+        return self.speech.to_ids(wav, self.base, blank)
 
-    def asr_prompt(self, wav: np.ndarray) -> list[int]:
-        return [self.text.bos_id, self.open_id, *self.audio_ids(wav), self.close_id]
+    def asr_prompt(self, wav: np.ndarray, blank: str | None = None) -> list[int]:
+        return [self.text.bos_id, self.open_id, *self.audio_ids(wav, blank), self.close_id]
 
     def tts_prompt(self, text: str) -> list[int]:
         return [self.text.bos_id, *self.text.encode(text), self.open_id]

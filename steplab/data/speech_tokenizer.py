@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steplab.data.speech import (AC_FRAMES, GROUP_FRAMES, N_MELS, SEM_FRAMES, Clip, deinterleave, griffin_lim,
+from steplab.data.speech import (AC_FRAMES, GROUP_FRAMES, HOP, N_MELS, SEM_FRAMES, Clip, deinterleave, griffin_lim,
                                  interleave, log_mel, n_groups)
 from steplab.errors import DataError
 from steplab.models.audio import AcousticCodec, CodecConfig
@@ -102,9 +102,18 @@ class SpeechTokenizer:
         return griffin_lim(self.decode_mel(acoustic))
 
     # -- vocabulary ids
-    def to_ids(self, wav: np.ndarray, base: int) -> list[int]:
-        """Waveform -> interleaved audio token ids (without the <|audio|> markers)."""
+    def to_ids(self, wav: np.ndarray, base: int, blank: str | None = None) -> list[int]:
+        """Waveform -> interleaved audio token ids (without the <|audio|> markers). ``blank`` ("semantic" |
+        "acoustic") replaces that stream by the codes of silence: an ablation that leaves the layout intact."""
         sem, ac = self.encode(wav)
+        if blank is not None:
+            quiet_sem, quiet_ac = self.encode(np.zeros(GROUP_FRAMES * HOP, dtype=np.float32))
+            if blank == "semantic":
+                sem = np.full_like(sem, quiet_sem[0])
+            elif blank == "acoustic":
+                ac = np.broadcast_to(quiet_ac[0], ac.shape).copy()
+            else:
+                raise DataError(f"blank must be 'semantic' or 'acoustic', got {blank!r}")
         S, C = self.cfg.semantic_codes, self.cfg.codec.codebook_size
         ac_ids = base + 2 + S + np.arange(self.n_q) * C + ac
         return interleave(base + 2 + sem, ac_ids).tolist()

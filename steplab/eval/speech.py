@@ -75,14 +75,14 @@ class SpeechModel:
     def context(self) -> int:
         return self.model.cfg.max_seq_len
 
-    def transcribe(self, wavs: list[np.ndarray], batch_size: int = 32) -> list[str]:
-        """Greedy transcripts from the audio tokens; audio too long for the context is an error upstream."""
+    def transcribe(self, wavs: list[np.ndarray], batch_size: int = 32, blank: str | None = None) -> list[str]:
+        """Greedy transcripts from the audio tokens (``blank``: one stream silenced, an ablation)."""
         from steplab.infer.sampling import SamplingParams, generate
 
         out = []
         tok = self.vocab.text
         for i in range(0, len(wavs), batch_size):
-            prompts = [self.vocab.asr_prompt(w) for w in wavs[i:i + batch_size]]
+            prompts = [self.vocab.asr_prompt(w, blank) for w in wavs[i:i + batch_size]]
             longest = max(len(p) for p in prompts)
             params = SamplingParams(max_new_tokens=max(1, min(16, self.context - longest)), temperature=0.0)
             for ids in generate(self.model, prompts, params, stop_ids={tok.eos_id}):
@@ -115,8 +115,8 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip(" .,!?").split())
 
 
-def asr_accuracy(sm: SpeechModel, clips: list[Clip]) -> dict:
-    hyps = sm.transcribe([c.wav for c in clips])
+def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None) -> dict:
+    hyps = sm.transcribe([c.wav for c in clips], blank=blank)
     per = defaultdict(lambda: [0, 0])
     for h, c in zip(hyps, clips):
         per[c.speaker][0] += normalise(h) == normalise(c.text)
@@ -129,7 +129,6 @@ def asr_accuracy(sm: SpeechModel, clips: list[Clip]) -> dict:
 
 def tts_intelligibility(sm: SpeechModel, judge: DigitClassifier, samples: int = 10, seed: int = 0,
                         words: list[str] = DIGITS) -> dict:
-    texts = [w for w in words for _ in range(samples)]
     wavs = []
     for k in range(samples):  # one seed per round, every word in the batch: deterministic per (seed, k)
         wavs += sm.speak(list(words), seed=seed * 1000 + k)
