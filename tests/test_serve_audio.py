@@ -88,6 +88,7 @@ def test_audio_errors_are_openai_errors(server, one_thread):
         _error(c.post(url, headers=h, data={"model": MODEL}), 400, "missing_field")
         _error(c.post(url, headers=h, files={"file": ("x.wav", wav)}, data={"model": "nope"}), 404, "model_not_found")
         _error(c.post(url, headers=h, files={"file": ("x.wav", wav)}, data={"model": MODEL, "response_format": "srt"}), 400, "invalid_value")
+        _error(c.post(url, headers=h, files={"file": ("x.wav", wav)}, data={"model": MODEL, "temperature": "hot"}), 400, "invalid_value")
         _error(c.post(url, headers={**h, "Content-Type": "multipart/form-data; boundary=zz"}, content=b"--zz\r\ngarbage"), 400)
         long = wav_bytes(np.zeros(8000 * 10, dtype=np.float32))  # 10 s: more than the tiny model's context holds
         assert "at most" in _error(c.post(url, headers=h, files={"file": ("x.wav", long)}, data={"model": MODEL}), 400)["message"]

@@ -57,7 +57,14 @@ def _run(sm, fn, *args):
         return fn(*args)
 
 
-@router.post("/v1/audio/transcriptions", summary="Transcribe audio (multipart upload, as OpenAI)")
+UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "model"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+                   "response_format": {"type": "string", "enum": list(TRANSCRIPT_FORMATS)},
+                   "language": {"type": "string"}, "temperature": {"type": "number"}}}}}}}
+
+
+@router.post("/v1/audio/transcriptions", summary="Transcribe audio (multipart upload, as OpenAI)", openapi_extra=UPLOAD)
 async def transcriptions(request: HTTPRequest):
     guard(request)
     from steplab.data.speech import load_audio
@@ -75,7 +82,11 @@ async def transcriptions(request: HTTPRequest):
     for name in ("prompt", "timestamp_granularities[]", "chunking_strategy"):
         if fields.get(name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    if float(fields.get("temperature") or 0) != 0:
+    try:
+        temperature = float(fields.get("temperature") or 0)
+    except ValueError:
+        raise APIError(400, "'temperature' must be a number", param="temperature", code="invalid_value") from None
+    if temperature != 0:
         raise APIError(400, "only greedy transcription (temperature 0) is supported", param="temperature", code="unsupported_parameter")
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
