@@ -12,7 +12,7 @@ pytest.importorskip("multipart")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import Server, one_thread  # noqa: E402,F401 (pytest fixture)
+from serve_fixtures import Server, one_thread  # noqa: E402,F401,F811 (pytest fixture)
 from speech_fixtures import tiny_speech_run  # noqa: E402
 from steplab.data.speech import espeak_available, load_audio, wav_bytes  # noqa: E402
 
