@@ -1,7 +1,7 @@
 # steplab developer targets. `make test` is what CI runs (.ci/run) and what the README's second command does.
 PY ?= python
 
-.PHONY: install browser test test-all bench quickstart
+.PHONY: install browser speech test test-all bench quickstart
 
 install:
 	$(PY) -m pip install torch==2.13.0
@@ -14,10 +14,16 @@ browser:
 	  (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	   echo "note: chromium/chromedriver not installed; the chat-page test will be skipped")
 
-test: install browser
+# espeak-ng synthesises the speech the speech tests train on (Debian package); skipped quietly without apt.
+speech:
+	@command -v espeak-ng >/dev/null || \
+	  (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) || \
+	   echo "note: espeak-ng not installed; the speech tests that synthesise audio will be skipped")
+
+test: install browser speech
 	$(PY) -m pytest -q
 
-test-all: install browser
+test-all: install browser speech
 	$(PY) -m pytest -q -m "slow or not slow"
 
 quickstart: install

@@ -40,13 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="use this trained tokenizer directory instead of training one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset in --out")
+    from steplab.cli.audio import add_prepare_args
+    add_prepare_args(p)  # --speech-tokenizer: ASR + TTS token data from speech
     p.set_defaults(func=cmd_data_prepare)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_verb", metavar="<tokenizer-verb>")
     tok.required = True
-    p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer (--audio: the speech tokenizer)")
     _source_args(p)
     p.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    from steplab.cli.audio import add_tokenizer_args
+    add_tokenizer_args(p)
     p.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("train", help="train a model")
@@ -94,6 +98,9 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
+    if args.speech_tokenizer:
+        from steplab.cli.audio import cmd_prepare_speech
+        return cmd_prepare_speech(args)
     from steplab.data.prepare import prepare_data
 
     meta = prepare_data(args.source, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction, field=args.field,
@@ -107,6 +114,9 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
+    if args.audio:
+        from steplab.cli.audio import cmd_tokenizer_train_audio
+        return cmd_tokenizer_train_audio(args)
     from steplab.data.sources import iter_documents
     from steplab.data.tokenizer import train_tokenizer
 

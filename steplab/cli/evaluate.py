@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verifier", metavar="DIR", help="--samples: an outcome reward model from `steplab rl --train-verifier`")
     from steplab.cli.extend import add_eval_args
     add_eval_args(p)  # --lengths --depths --keys --report for --task passkey (long-context evals)
+    from steplab.cli.audio import add_eval_args as add_speech_eval_args
+    add_speech_eval_args(p)  # --task asr / --task tts
     p.set_defaults(func=cmd_eval)
 
 
@@ -40,6 +42,10 @@ def cmd_eval(args) -> int:
 
     if wants_passkey(args):
         return cmd_eval_passkey(args)
+    from steplab.cli.audio import cmd_eval_speech, wants_speech
+
+    if wants_speech(args):
+        return cmd_eval_speech(args)
     if args.task == ["list"]:
         from steplab.tasks import get_task, task_names
 

@@ -5,7 +5,8 @@
 
 Routes (one module per API under ``serve/routes/``): ``GET /`` (chat page), ``GET /health``, ``GET /metrics``
 (Prometheus), ``GET /openapi.json``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
-``POST /v1/chat/completions``. The /v1 routes need ``Authorization: Bearer KEY`` unless ``api_keys=None``.
+``POST /v1/chat/completions``, ``POST /v1/audio/transcriptions`` and ``POST /v1/audio/speech`` (speech runs).
+The /v1 routes need ``Authorization: Bearer KEY`` unless ``api_keys=None``.
 
 Every error is OpenAI's JSON ``{"error": {"message", "type", "param", "code"}}`` (serve/errors.py) with a status a
 client can act on: 400 invalid field or prompt too long for the context (with the numbers), 401 missing or wrong
@@ -30,7 +31,7 @@ from steplab.serve.errors import install_error_handlers
 from steplab.serve.gate import Gate
 from steplab.serve.media import chat_request_bytes
 from steplab.serve.metrics import Metrics
-from steplab.serve.routes import chat, completions, health, models as model_routes
+from steplab.serve.routes import audio, chat, completions, health, models as model_routes
 from steplab.serve.schema import openapi_components
 
 
@@ -95,8 +96,9 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     app.state.serve = st
     app.state.engines = engines
     app.state.metrics = metrics
+    app.state.speech = audio.speech_models(models, engines)  # runs with a speech tokenizer serve /v1/audio/*
     install_error_handlers(app)
-    for module in (health, model_routes, completions, chat):
+    for module in (health, model_routes, completions, chat, audio):
         app.include_router(module.router)
 
     def openapi() -> dict:

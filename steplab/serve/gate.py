@@ -12,7 +12,8 @@ import time
 from steplab.serve.errors import error_body
 from steplab.serve.metrics import Metrics
 
-ENDPOINTS = {"/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+ENDPOINTS = {"/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
+             "/v1/audio/transcriptions", "/v1/audio/speech"}
 
 
 class Gate:

@@ -115,6 +115,25 @@ class CompletionRequest(_Sampling):
         return v
 
 
+class SpeechRequest(_Body):
+    """``POST /v1/audio/speech``: text in, audio out (one voice; ``voice`` is accepted and names it only)."""
+    model: str
+    input: str = Field(min_length=1, max_length=4096)
+    voice: Union[str, dict, None] = None
+    response_format: str = "mp3"  # OpenAI's default; wav and flac always, mp3 when libsndfile encodes it
+    speed: float | None = Field(None, ge=0.25, le=4.0)
+    seed: int | None = None  # extension: the sampling seed (default 0: the same input gives the same audio)
+
+    def unsupported(self) -> str | None:
+        extra = self.model_extra or {}
+        if self.speed not in (None, 1.0):
+            return "speed"
+        for name in ("instructions", "stream_format"):
+            if extra.get(name) not in (None, "", "audio"):
+                return name
+        return None
+
+
 # ---- OpenAPI: the bodies are parsed by hand (key first, 400 not 422), so the schema is declared here ----------
 
 def openapi_body(model: type[BaseModel]) -> dict:
@@ -125,7 +144,7 @@ def openapi_body(model: type[BaseModel]) -> dict:
 def openapi_components() -> dict:
     """components.schemas for every request body (and the models they use)."""
     out: dict = {}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, SpeechRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         out.update(schema.pop("$defs", {}))
         out[model.__name__] = schema

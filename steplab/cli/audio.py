@@ -1,0 +1,91 @@
+"""Speech verbs, reached from the shared ones: `tokenizer train --audio`, `data prepare --speech-tokenizer`,
+`eval --task asr|tts`. Argument handling and printing only; the work is in data/speech*.py and eval/speech.py."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speech (--audio)")
+    g.add_argument("--audio", action="store_true",
+                   help="train the dual-codebook speech tokenizer instead (--source fsdd[:PATH] | espeak | fsdd+espeak)")
+    g.add_argument("--semantic-codes", type=int, default=256, help="k-means codes of the 16.7 Hz semantic stream")
+    g.add_argument("--codebooks", type=int, default=2, help="residual codebooks of the 25 Hz acoustic stream")
+    g.add_argument("--codebook-size", type=int, default=256)
+    g.add_argument("--steps", type=int, default=1500, help="acoustic autoencoder training steps")
+    g.add_argument("--holdout-speaker", help="leave this speaker out (its clips are the test set)")
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speech")
+    g.add_argument("--speech-tokenizer", metavar="DIR", help="prepare ASR+TTS token data from --source speech with this speech tokenizer")
+    g.add_argument("--seq-len", type=int, default=256, help="speech: window length the documents are packed into")
+    g.add_argument("--holdout-speaker", dest="speech_holdout", help="speech: leave this speaker out (val = its clips)")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speech (--task asr / --task tts)")
+    g.add_argument("--speech-source", default="fsdd", help="clips to evaluate on (default fsdd: its official test split)")
+    g.add_argument("--eval-holdout-speaker", help="evaluate on this speaker's clips (a leave-one-speaker-out run)")
+    g.add_argument("--blank-stream", choices=["semantic", "acoustic"],
+                   help="--task asr ablation: replace this stream's tokens by the codes of silence")
+    g.add_argument("--tts-samples", type=int, default=10, help="--task tts: sampled utterances per digit")
+
+
+def cmd_tokenizer_train_audio(args) -> int:
+    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech_tokenizer import SpeechTokenizerConfig, reconstruction_error, train_speech_tokenizer
+    from steplab.models.audio import CodecConfig
+
+    train, test = split_clips(load_corpus(args.source), args.holdout_speaker)
+    cfg = SpeechTokenizerConfig(semantic_codes=args.semantic_codes, steps=args.steps,
+                                codec=CodecConfig(n_q=args.codebooks, codebook_size=args.codebook_size))
+    print(f"{len(train)} training clips ({len(test)} held out)")
+    tok = train_speech_tokenizer(train, cfg, progress=True)
+    tok.save(args.out)
+    rec = reconstruction_error(tok, test)
+    print(json.dumps({"bitrate": tok.bitrate(), "held_out_reconstruction": rec}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_prepare_speech(args) -> int:
+    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech_lm import prepare_speech_data
+
+    train, val = split_clips(load_corpus(args.source), args.speech_holdout)
+    meta = prepare_speech_data(train, val, args.speech_tokenizer, args.out, text_tokenizer=args.tokenizer,
+                               seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force)
+    for split in ("train", "val"):
+        s = meta[split]
+        print(f"{split}: {s['clips']:,} clips, {s['documents']:,} documents, {s['tokens']:,} tokens")
+    print(f"vocabulary {meta['vocab_size']:,} (audio block from id {meta['audio_base']}); wrote {args.out}")
+    return 0
+
+
+def wants_speech(args) -> bool:
+    return bool(set(args.task) & {"asr", "tts"})
+
+
+def cmd_eval_speech(args) -> int:
+    from steplab.data.speech import load_corpus, split_clips
+    from steplab.eval.speech import SpeechModel, asr_accuracy, tts_intelligibility, train_digit_classifier
+
+    unknown = set(args.task) - {"asr", "tts"}
+    if unknown:
+        raise SystemExit(f"error: --task asr/tts cannot be combined with {sorted(unknown)}; run them separately")
+    clips = load_corpus(args.speech_source)
+    train, test = split_clips(clips, args.eval_holdout_speaker)
+    sm = SpeechModel.from_run(args.run, device=args.device)
+    out: dict = {"run": args.run, "source": args.speech_source, "test_clips": len(test)}
+    if "asr" in args.task:
+        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream)
+        out["asr"]["blank_stream"] = args.blank_stream
+        print(f"asr: {out['asr']['accuracy']:.1%} ({out['asr']['correct']}/{out['asr']['n']})")
+    if "tts" in args.task:
+        judge = train_digit_classifier(train)  # an independent classifier on real recordings
+        out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed)
+        print(f"tts: {out['tts']['accuracy']:.1%} recognised by the independent classifier")
+    print(json.dumps(out, indent=2))
+    return 0
