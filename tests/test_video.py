@@ -155,12 +155,20 @@ def test_dit_loads_a_frozen_vae_and_trains_only_itself(tmp_path):
     z = model.encode(clips)
     assert z.shape == (4, 4, 3, 4, 4)
     assert torch.equal(model.unpatchify(model.patchify(z)), z)
-    loss = model(clips, ids)
+    loss = model(model.vae.encode(clips)[0], ids)
     loss.backward()
     assert model.vae.conv_in.weight.grad is None and model.patch_in.weight.grad is not None
     with pytest.raises(ConfigError, match="VAE shape"):
         dm.VideoDiT(tiny(vae_run=str(run), z_channels=8).model)
     counted = dm.count_params(dit_cfg.model)
+    data = vd.VideoLatentData(dit_cfg, pool=128)  # the DiT's training data: latents of a pool of clips
+    assert data.latents.shape == (128, 4, 3, 4, 4) and data.ids.shape == (128, vd.TEXT_LEN)
+    z, i = data.next_batch()
+    state = data.state_dict()
+    z2, _ = data.next_batch()
+    data.load_state_dict(state)
+    assert torch.equal(data.next_batch()[0], z2) and not torch.equal(z, z2)
+    assert torch.allclose(model.normalise(data.latents).mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=0.3)
     assert counted["N"] == sum(p.numel() for p in model.parameters() if p.requires_grad) < counted["total"]
 
 

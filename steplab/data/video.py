@@ -195,6 +195,53 @@ def build_clip_data(cfg) -> VideoClipData:
 
 
 def build_text_clip_data(cfg) -> VideoClipData:
-    """Data kind ``video-text``: (clips, prompt ids) on the 70 training prompts; the DiT encodes clips itself."""
+    """(clips, prompt ids) on the 70 training prompts (eval: the 10 held-out prompts, held-out images)."""
     return VideoClipData(cfg.model.video, cfg.train.batch_size * cfg.train.grad_accum, cfg.train.seed,
                          cfg.train.eval_batches, pairs=TRAIN_PAIRS, with_text=True)
+
+
+class VideoLatentData:
+    """TrainData for the DiT (kind ``video-latents``): (VAE latent means, prompt ids) from a fixed pool.
+
+    Encoding a clip costs about as much as a DiT step on it, so a pool of ``pool`` training clips is encoded once
+    by the frozen VAE of ``model.video.vae_run`` (deterministic: seeded clips, the posterior mean) and batches
+    are drawn from it, batch i by a generator seeded with (seed, i). Eval: held-out prompts and digit images.
+    """
+
+    vocab_size = 0
+    tokenizer_dir = None
+
+    def __init__(self, cfg, pool: int = 4096):
+        from steplab.models.video import load_vae_run
+
+        v = cfg.model.video
+        self.vae = load_vae_run(v.vae_run, cfg.model)
+        self.batch_size, self.seed, self.step = cfg.train.batch_size * cfg.train.grad_accum, cfg.train.seed, 0
+        self.clips = VideoClipData(v, 64, seed=777, eval_batches=max(1, cfg.train.eval_batches), pairs=TRAIN_PAIRS,
+                                   with_text=True)
+        self.latents, self.ids = self._encode(self.clips.next_batch() for _ in range(-(-pool // 64)))
+        self.evals = [(z[:self.batch_size], i[:self.batch_size]) for z, i in zip(*self._encode(self.clips.eval_batches(), split=True))]
+        self.tokens_per_batch = self.batch_size * self.latents[0].numel()  # latent elements per batch
+
+    @torch.no_grad()
+    def _encode(self, batches, split: bool = False):
+        zs, ids = [], []
+        for x, i in batches:
+            zs.append(self.vae.encode(x)[0])
+            ids.append(i)
+        return (zs, ids) if split else (torch.cat(zs), torch.cat(ids))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        pick = torch.randint(0, len(self.latents), (self.batch_size,), generator=gen)
+        self.step += 1
+        return self.latents[pick], self.ids[pick]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def eval_batches(self):
+        return iter(self.evals)

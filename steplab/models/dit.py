@@ -14,18 +14,16 @@ embedding (a single global vector that tells AdaLN which prompt it is).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from steplab.config import ModelConfig, RunConfig
+from steplab.config import ModelConfig
 from steplab.data.video import TEXT_LEN, VOCAB, encode_prompts
 from steplab.errors import ConfigError
-from steplab.models.video import VideoVAE, check_shape
+from steplab.models.video import VideoVAE, check_shape, load_vae_run
 
 
 # ---- 3D RoPE -------------------------------------------------------------------------------------------
@@ -178,8 +176,8 @@ class VideoDiT(nn.Module):
         cos, sin = rope_3d(self.grid, d // v.dit_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        if v.vae_run and Path(v.vae_run).is_dir():
-            self.vae.load_state_dict(load_vae_weights(v.vae_run, cfg))
+        if v.vae_run:  # a new run: take the VAE's weights; a saved DiT's checkpoint holds them already
+            self.vae.load_state_dict(load_vae_run(v.vae_run, cfg).state_dict())
             self._measure_latents()
 
     def train(self, mode: bool = True):
@@ -214,7 +212,10 @@ class VideoDiT(nn.Module):
     @torch.no_grad()
     def encode(self, clips: torch.Tensor) -> torch.Tensor:
         """Pixel clips (B, 1, T, H, W) in [-1, 1] -> normalised latents."""
-        return (self.vae.encode(clips)[0].float() - self.z_mean) / self.z_std
+        return self.normalise(self.vae.encode(clips)[0])
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self.z_mean) / self.z_std
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -243,8 +244,9 @@ class VideoDiT(nn.Module):
         pred = self.velocity((1 - tt) * z0 + tt * noise, t, ids)
         return F.mse_loss(pred.float(), noise - z0)
 
-    def forward(self, clips: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        z0 = self.encode(clips)
+    def forward(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """latents: the VAE's posterior means (data kind video-latents encodes its pool once)."""
+        z0 = self.normalise(latents)
         drop = torch.rand(ids.shape[0]) < self.v.cond_drop  # the empty prompt, so CFG has an unconditional model
         ids = torch.where(drop[:, None], torch.zeros_like(ids), ids)
         return self.flow_loss(z0, ids)
@@ -253,7 +255,7 @@ class VideoDiT(nn.Module):
     def eval_metrics(self, batches) -> dict[str, float]:
         """The flow loss on held-out prompts and images with fixed noise and t (comparable across steps)."""
         gen = torch.Generator().manual_seed(0)
-        losses = [self.flow_loss(self.encode(clips), ids, gen).item() for clips, ids in batches]
+        losses = [self.flow_loss(self.normalise(z), ids, gen).item() for z, ids in batches]
         return {"val_loss": sum(losses) / len(losses)}
 
     @torch.no_grad()
@@ -278,23 +280,6 @@ class VideoDiT(nn.Module):
             v_c, v_u = v.chunk(2)
             x = x + (ts[i + 1] - ts[i]) * (v_u + cfg_scale * (v_c - v_u))
         return self.decode(x)
-
-
-def load_vae_weights(run_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The latest checkpoint of a video-vae run, checked to have this config's VAE shape."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())).model.video
-    shape = ("frames", "size", "channels", "z_channels", "spatial_down", "temporal_down")
-    diff = [f"{k} ({getattr(saved, k)} vs {getattr(cfg.video, k)})" for k in shape if getattr(saved, k) != getattr(cfg.video, k)]
-    if diff:
-        raise ConfigError(f"model.video.vae_run={run_dir} was trained with another VAE shape: {', '.join(diff)}; "
-                          f"set the same model.video fields")
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "model.safetensors").is_file())
-    if not ckpts:
-        raise ConfigError(f"model.video.vae_run={run_dir} has no checkpoint; train the VAE first")
-    return load_file(str(ckpts[-1] / "model.safetensors"))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -186,6 +186,33 @@ def psnr_frames(y: torch.Tensor, x: torch.Tensor, box: bool = False) -> torch.Te
     return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
 
 
+def load_vae_run(run_dir, cfg: ModelConfig) -> VideoVAE:
+    """A trained video-vae run's latest weights in a frozen, eval-mode VAE (its shape checked against cfg)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from steplab.config import RunConfig
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not (run_dir / "config.json").is_file():
+        raise ConfigError(f"model.video.vae_run={str(run_dir)!r} is not a run directory; train a VAE first "
+                          f"(steplab train --preset stepvideo-vae-nano --out DIR) and set vae_run=DIR")
+    saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())).model.video
+    shape = ("frames", "size", "channels", "z_channels", "spatial_down", "temporal_down")
+    diff = [f"{k} ({getattr(saved, k)} vs {getattr(cfg.video, k)})" for k in shape if getattr(saved, k) != getattr(cfg.video, k)]
+    if diff:
+        raise ConfigError(f"model.video.vae_run={run_dir} was trained with another VAE shape: {', '.join(diff)}; "
+                          f"set the same model.video fields")
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "model.safetensors").is_file())
+    if not ckpts:
+        raise ConfigError(f"model.video.vae_run={run_dir} has no checkpoint; train the VAE first")
+    vae = VideoVAE(cfg)
+    vae.load_state_dict(load_file(str(ckpts[-1] / "model.safetensors")))
+    return vae.eval().requires_grad_(False)
+
+
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     n = sum(p.numel() for p in VideoVAE(cfg).parameters())
     return {"N": n, "N_active": n, "embedding": 0, "total": n}
