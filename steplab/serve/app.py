@@ -29,7 +29,7 @@ from steplab.serve.common import ServeState
 from steplab.serve.errors import install_error_handlers
 from steplab.serve.gate import Gate
 from steplab.serve.metrics import Metrics
-from steplab.serve.routes import chat, completions, health, models as model_routes
+from steplab.serve.routes import chat, completions, health, models as model_routes, videos as video_routes
 from steplab.serve.schema import openapi_components
 
 
@@ -55,7 +55,7 @@ def load_engine(name: str, spec: Any, *, device: str = "cpu", dtype: str | None 
 def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit: str | list | None = None,
                auth_failure_limit: str | None = AUTH_FAILURE_LIMIT, trusted_proxies: list[str] | None = None,
                max_request_bytes: int = 1_000_000, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-               max_len: int | None = None, device: str = "cpu", dtype: str | None = None) -> FastAPI:
+               max_len: int | None = None, device: str = "cpu", dtype: str | None = None, videos=None) -> FastAPI:
     """The API over ``models``: name -> run directory, ``Engine``, or ``(model, tokenizer)``.
 
     ``api_keys=None`` turns authentication off (the caller must say so; an empty set is refused).
@@ -63,9 +63,9 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     ``auth_failure_limit``: failed authentications allowed per client address before 429s (None: no limit).
     ``trusted_proxies``: addresses/networks whose ``X-Forwarded-For`` names the client (default: none, the peer
     address is the client). Engines built here are started with the app and stopped with it; engines passed in
-    are started if needed and left running.
+    are started if needed and left running. ``videos``: a serve/video_jobs.VideoService for ``/v1/videos``.
     """
-    if not models:
+    if not models and videos is None:
         raise ValueError("create_app needs at least one model")
     owned = {name for name, spec in models.items() if not isinstance(spec, Engine)}
     engines = {name: load_engine(name, spec, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
@@ -75,22 +75,27 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     st = ServeState(engines=engines, metrics=metrics, created=int(time.time()),
                     checker=KeyChecker(api_keys) if api_keys is not None else None,
                     limiter=RateLimiter(rate_limit) if rate_limit else None,
-                    auth_failures=RateLimiter(auth_failure_limit) if auth_failure_limit and api_keys is not None else None)
+                    auth_failures=RateLimiter(auth_failure_limit) if auth_failure_limit and api_keys is not None else None,
+                    videos=videos)
 
     @asynccontextmanager
     async def lifespan(app):
         for engine in engines.values():
             engine.start()
+        if videos is not None:
+            videos.start()
         yield
         for name in owned:
             engines[name].stop()
+        if videos is not None:
+            videos.stop()
 
     app = FastAPI(title="steplab", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = st
     app.state.engines = engines
     app.state.metrics = metrics
     install_error_handlers(app)
-    for module in (health, model_routes, completions, chat):
+    for module in (health, model_routes, completions, chat, video_routes):
         app.include_router(module.router)
 
     def openapi() -> dict:

@@ -25,6 +25,7 @@ class ServeState:
     created: int = 0
     tables: dict[str, list] = field(default_factory=dict)
     in_flight: int = 0  # HTTP handlers running (kept by the Gate middleware)
+    videos: object = None  # serve/video_jobs.VideoService when video models are served (issue 21)
 
     def table(self, name: str) -> list:
         from steplab.serve.tokens import token_table
