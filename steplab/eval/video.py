@@ -27,7 +27,14 @@ from steplab.data.video import DIRECTION_NAMES, HELDOUT_PAIRS, prompt_for, sampl
 
 
 class Probe(nn.Module):
-    """clip (B, T, H, W) in [0, 1] -> digit logits, direction logits, features; frames -> digit logits."""
+    """clip (B, T, H, W) in [0, 1] -> digit logits, direction logits, features.
+
+    Two parts, both trained on real clips only. A 3D CNN reads motion: its pooled features give the direction.
+    A frame CNN (a 3D CNN with 1 x 3 x 3 kernels, i.e. run on every frame alone) names the digit in each frame;
+    the clip's digit is the mean of its frames' log-probabilities. (A first probe read the digit from the 3D
+    features too: 37% on held-out clips after 400 steps, against 92% per frame, so the digit moved here.)
+    The Frechet features are both parts' pooled features side by side: motion and appearance.
+    """
 
     def __init__(self, feat: int = 64):
         super().__init__()
@@ -36,23 +43,34 @@ class Probe(nn.Module):
             nn.Conv3d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv3d(32, feat, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool3d(1), nn.Flatten())
-        self.digit_head, self.dir_head = nn.Linear(feat, 10), nn.Linear(feat, 8)
-        self.frame_net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        self.dir_head = nn.Linear(feat, 8)
+        self.frame_features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, feat, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.digit_head = nn.Linear(feat, 10)
+
+    def frame_net(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) -> digit logits."""
+        return self.digit_head(self.frame_features(frames))
+
+    def _frames(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, h, w = clips.shape
+        f = self.frame_features(clips.reshape(b * t, 1, h, w))
+        return f.view(b, t, -1), self.digit_head(f).view(b, t, -1)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.clip_net(clips.unsqueeze(1))
+        return torch.cat([self.clip_net(clips.unsqueeze(1)), self._frames(clips)[0].mean(1)], dim=-1)
 
     def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f = self.features(clips)
-        return self.digit_head(f), self.dir_head(f), f
+        motion = self.clip_net(clips.unsqueeze(1))
+        feats, logits = self._frames(clips)
+        digit = logits.log_softmax(-1).mean(1)
+        return digit, self.dir_head(motion), torch.cat([motion, feats.mean(1)], dim=-1)
 
     def frame_digits(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T) predicted digit per frame."""
-        b, t, h, w = clips.shape
-        return self.frame_net(clips.reshape(b * t, 1, h, w)).argmax(-1).view(b, t)
+        return self._frames(clips)[1].argmax(-1)
 
 
 def real_clips(v: VideoConfig, n: int, seed: int, split: str, pairs=None):
@@ -61,18 +79,19 @@ def real_clips(v: VideoConfig, n: int, seed: int, split: str, pairs=None):
                         split=split, pairs=pairs)
 
 
-def train_probe(v: VideoConfig, steps: int = 400, batch: int = 32, seed: int = 0, log=None) -> Probe:
-    """Both probes on real training clips (every digit, every direction; training digit images only)."""
+def train_probe(v: VideoConfig, steps: int = 600, batch: int = 32, seed: int = 0, log=None) -> Probe:
+    """Both parts on real training clips (every digit, every direction; training digit images only):
+    the direction from whole clips, the digit from 4 random frames of each clip."""
     torch.manual_seed(seed)
     probe = Probe()
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         clips, digits, dirs = real_clips(v, batch, seed * 1_000_003 + step, "train")
-        d_logits, k_logits, _ = probe(clips)
-        frames = torch.randint(0, v.frames, (batch,))
-        f_logits = probe.frame_net(clips[torch.arange(batch), frames].unsqueeze(1))
-        loss = F.cross_entropy(d_logits, digits) + F.cross_entropy(k_logits, dirs) + F.cross_entropy(f_logits, digits)
+        k_logits = probe.dir_head(probe.clip_net(clips.unsqueeze(1)))
+        frames = torch.randint(0, v.frames, (batch, 4))
+        f_logits = probe.frame_net(clips[torch.arange(batch)[:, None], frames].reshape(-1, 1, v.size, v.size))
+        loss = F.cross_entropy(k_logits, dirs) + F.cross_entropy(f_logits, digits.repeat_interleave(4))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
