@@ -80,6 +80,7 @@ class VideoConfig:
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
+    family: str = ""  # "": Step-1 dense, or Step-2 MoE when moe.n_experts > 0; else a registered family (models/__init__.py)
     vocab_size: int = 0  # 0: take it from the dataset's tokenizer
     d_model: int = 128
     n_layer: int = 4
@@ -111,7 +112,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a directory written by `steplab data prepare`
+    kind: str = "tokens"  # what path holds: "tokens" (token shards) or a registered kind (train/data.py)
+    path: str = ""  # tokens: a directory written by `steplab data prepare`; other kinds: what their builder reads
     seq_len: int = 256
 
 

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from steplab.config import CHOICES, RANGES, RunConfig, check_ranges, config_fields, resolve
 from steplab.errors import ConfigError
 
-FREE_TEXT = {"data.path", "train.init_from", "train.ckpt_at"}  # paths, and ckpt_at (comma-separated steps, parsed by the trainer)
+# paths; ckpt_at (comma-separated steps, parsed by the trainer); registry names, checked against their registry
+# when the run starts (model.family in models/__init__.py, data.kind in train/data.py)
+FREE_TEXT = {"data.path", "train.init_from", "train.ckpt_at", "model.family", "data.kind"}
 
 
 def test_every_field_declares_its_range():

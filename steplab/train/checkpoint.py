@@ -134,7 +134,7 @@ def _check_shapes(path: Path, model: torch.nn.Module) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); {_hint(path)}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if getattr(model.cfg, "tie_embeddings", False):
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):  # not every family has a decoder cfg
         expected.pop("lm_head.weight", None)
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
@@ -160,7 +160,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             weights = load_file(str(path / "model.safetensors"))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); {_hint(path)}") from None
-        if getattr(model.cfg, "tie_embeddings", False):
+        if getattr(getattr(model, "cfg", None), "tie_embeddings", False):  # not every family has a decoder cfg
             weights["lm_head.weight"] = weights["tok_emb.weight"]
         model.load_state_dict(weights)
         return state

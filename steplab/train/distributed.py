@@ -95,7 +95,7 @@ def mean_across_ranks(value: float, info: DistInfo) -> float:
 def sync_step_stats(model: torch.nn.Module, info: DistInfo) -> None:
     """Sum the model's per-step statistics (``Trainable.step_stats``, e.g. MoE tokens per expert) over ranks,
     so every rank takes the same decisions from them (the balancing-bias update)."""
-    if info.enabled:
+    if info.enabled and hasattr(model, "step_stats"):
         for t in model.step_stats():
             dist.all_reduce(t)
 

@@ -18,14 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from steplab.config import RunConfig, config_fields
-from steplab.data.loader import TokenLoader, iter_eval_batches
-from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError, StepLabError
-from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
+from steplab.eval.evaluate import autocast_context
 from steplab.models import build_model, count_params, flops_per_token
 from steplab.train.distributed import (barrier, grad_sync, init_distributed, mean_across_ranks, sync_step_stats,
                                        uses_autocast, wrap_model)
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from steplab.train.data import build_train_data, evaluate_run
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
 from steplab.train.optim import build_optimizer, lr_at
 from steplab.utils import atomic_write_json, atomic_write_text
@@ -55,7 +54,7 @@ def config_changes(saved: RunConfig, cfg: RunConfig) -> dict[str, list]:
     return {k: [old[k], new[k]] for k in new if old.get(k) != new[k] and k not in RESUME_SAFE}
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: bool,
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path | None, resume: bool,
                     allow_config_change: bool = False) -> dict[str, list]:
     """Write config.json and a copy of the tokenizer; refuse to clobber another run.
 
@@ -83,7 +82,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, tokenizer_dir: Path, resume: 
         raise ConfigError(f"output directory {run_dir} exists and is not empty; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, cfg.to_dict())
-    if not (run_dir / "tokenizer").exists():
+    if tokenizer_dir is not None and not (run_dir / "tokenizer").exists():
         tmp = run_dir / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer_dir, tmp)
@@ -109,18 +108,20 @@ def ckpt_steps(tc) -> set[int]:
         raise ConfigError(f"train.ckpt_at={tc.ckpt_at!r}: give comma-separated step numbers, e.g. \"80,160\"") from None
 
 
-def check_same_tokenizer(tokenizer, source: Path, data_path: str) -> None:
+def check_same_tokenizer(tokenizer_dir: Path | None, source: Path, data_path: str) -> None:
     """Weights learned with one tokenizer mean nothing under another: the dataset's tokenizer must be the
     one ``init_from``'s run (or import) was made with."""
     from steplab.data.tokenizer import Tokenizer
 
+    if tokenizer_dir is None:  # a family without a token vocabulary
+        return
     if (source / "state.json").is_file():  # a checkpoints/step_* directory: its run is two levels up
         source = source.parent.parent
     theirs = source / "tokenizer"
     if not (theirs / "tokenizer.json").is_file():
         raise ConfigError(f"train.init_from={source} has no tokenizer/tokenizer.json; pass a run directory made by "
                           "`steplab train` or `steplab import hf`")
-    if _encoding(Tokenizer.load(theirs)) != _encoding(tokenizer):
+    if _encoding(Tokenizer.load(theirs)) != _encoding(Tokenizer.load(tokenizer_dir)):
         raise ConfigError(f"the dataset {data_path} was tokenized with another tokenizer than train.init_from={source}; "
                           f"prepare the data with its tokenizer: steplab data prepare --tokenizer {theirs} ...")
 
@@ -154,12 +155,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     """
     run_dir = Path(run_dir)
     tc = cfg.train
-    tokenizer, train_shards, val_shards, meta = load_prepared(cfg.data.path)
+    data = build_train_data(cfg)  # cfg.data.kind: token shards, chat, images, speech, video, ...
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    cfg.validate(special_tokens=len(tokenizer.special_ids))
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} tokens")
+    cfg.validate(**({"special_tokens": data.special_tokens} if hasattr(data, "special_tokens") else {}))
 
     device_type = torch.device(resolve_device(tc.device)).type
     info = init_distributed(tc.parallel, device_type)
@@ -168,7 +169,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; use a multiple")
     changes = {}
     if info.is_main:
-        changes = prepare_run_dir(cfg, run_dir, Path(cfg.data.path) / "tokenizer", resume, allow_config_change)
+        changes = prepare_run_dir(cfg, run_dir, data.tokenizer_dir, resume, allow_config_change)
     barrier(info)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -178,7 +179,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     ckpt = latest_checkpoint(run_dir) if resume else None
     branch = None  # init_state: (checkpoint, its step); the run continues that run's optimizer and data stream
     if tc.init_from and ckpt is None:
-        check_same_tokenizer(tokenizer, Path(tc.init_from), cfg.data.path)
+        check_same_tokenizer(data.tokenizer_dir, Path(tc.init_from), cfg.data.path)
         if tc.init_state:
             branch = init_checkpoint(Path(tc.init_from))
         else:
@@ -188,16 +189,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     optimizer = build_optimizer(model, tc, device_type)
     if tc.init_from and tc.init_optimizer and not tc.init_state and ckpt is None:
         init_from_run(model, Path(tc.init_from), optimizer)
-    loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
     start_step, prior_seconds, skipped, init_step = 0, 0.0, 0, 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
-        loader.load_state_dict(state["loader"])
+        data.load_state_dict(state["loader"])
         start_step, prior_seconds, skipped = state["step"], state["train_seconds"], state.get("skipped_steps", 0)
         init_step = state.get("init_step", 0)
     elif branch is not None:  # this run's seconds and skips count from here; its D counts the parent's tokens
         state = load_checkpoint(branch, model, optimizer)
-        loader.load_state_dict(state["loader"])
+        data.load_state_dict(state["loader"])
         start_step = init_step = state["step"]
         if start_step >= tc.max_steps:
             raise ConfigError(f"train.init_from={tc.init_from} is at step {start_step}, not before train.max_steps={tc.max_steps}")
@@ -210,13 +210,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
 
     params, flops = count_params(cfg.model), flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device_type, tc.dtype) * info.world_size
-    token_bytes = token_byte_lengths(tokenizer)
-    tokens_per_step = cfg.tokens_per_step
+    tokens_per_step = data.tokens_per_batch * tc.grad_accum
     rows = slice(info.rank * tc.batch_size // info.world_size, (info.rank + 1) * tc.batch_size // info.world_size)
 
     def run_eval() -> dict[str, float]:
-        batches = iter_eval_batches(val_shards, cfg.data.seq_len, tc.batch_size, max_batches=tc.eval_batches)
-        return evaluate(model, batches, token_bytes, device=device, dtype=tc.dtype)
+        return evaluate_run(data, model, device, tc.dtype)
 
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=not (progress and info.is_main),
                dynamic_ncols=True)
@@ -229,11 +227,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             group["lr"] = lr
         loss_sum, extra_stats = 0.0, {}
         for micro in range(tc.grad_accum):
-            x, y = loader.next_batch()  # the global batch; this rank trains on its rows
-            x, y = x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True)
+            batch = data.next_batch()  # the global batch; this rank trains on its rows
+            batch = tuple(t[rows].to(device, non_blocking=True) for t in batch)
             with grad_sync(train_module, micro == tc.grad_accum - 1):
                 with autocast_context(device_type, "bf16" if autocast else "fp32"):
-                    loss = step_fn(x, y)
+                    loss = step_fn(*batch)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = mean_across_ranks(loss_sum / tc.grad_accum, info)
@@ -248,14 +246,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                                     f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. "
                                     f"Lower train.lr, or set train.nan_policy=skip")
             skipped += 1
-            model.discard_step_stats()  # e.g. MoE: the skipped step's expert counts must not move the bias
+            if hasattr(model, "discard_step_stats"):  # families without per-step statistics need not define it
+                model.discard_step_stats()  # e.g. MoE: the skipped step's expert counts must not move the bias
             if log:
                 log.log({"step": step + 1, "skipped": True, "loss": loss_value, "lr": lr})
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync_step_stats(model, info)
-            extra_stats = model.after_optimizer_step()  # e.g. MoE router-bias balancing; returns stats to log
+            if hasattr(model, "after_optimizer_step"):
+                extra_stats = model.after_optimizer_step()  # e.g. MoE router-bias balancing; returns stats to log
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -273,7 +273,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
         if (step + 1) % tc.ckpt_every == 0 or done or step + 1 in keep_at:
-            save_checkpoint(run_dir, step + 1, model, optimizer, {"loader": loader.state_dict(), "train_seconds": train_seconds,
+            save_checkpoint(run_dir, step + 1, model, optimizer, {"loader": data.state_dict(), "train_seconds": train_seconds,
                                                                   "skipped_steps": skipped, "init_step": init_step},
                             keep_last=tc.keep_last, dist_info=info, keep_steps=keep_at)
     bar.close()
@@ -282,7 +282,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     summary = None
     if log:
         log.close()
-        summary = write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped, init_step)
+        summary = write_summary(cfg, run_dir, params, flops, last, train_seconds, peak, skipped, init_step, tokens_per_step)
     barrier(info)
     if summary is None:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -298,18 +298,19 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train_seconds, peak, skipped,
-                  init_step: int = 0) -> dict[str, Any]:
+                  init_step: int = 0, tokens_per_step: int | None = None) -> dict[str, Any]:
     records = read_jsonl(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r and not r.get("skipped")]
     tail = losses[-max(1, len(losses) // 10):]
-    D = cfg.train.max_steps * cfg.tokens_per_step  # a branch's D counts its parent's tokens: what the model saw
-    trained = (cfg.train.max_steps - init_step) * cfg.tokens_per_step  # this run's own tokens (= D unless a branch)
+    tokens_per_step = tokens_per_step or cfg.tokens_per_step  # the data's count (text: batch x seq_len)
+    D = cfg.train.max_steps * tokens_per_step  # a branch's D counts its parent's tokens: what the model saw
+    trained = (cfg.train.max_steps - init_step) * tokens_per_step  # this run's own tokens (= D unless a branch)
     tok_s = trained / train_seconds if train_seconds > 0 else 0.0
     summary = {
         "run": run_dir.name,
         "N": params["N"], "N_active": params["N_active"], "params_total": params["total"],
         "D": D, "C_6ND": flops["6N"] * D, "C_model": flops["model"] * D,  # 6N: N_active for MoE (C = 6 N_a D)
-        "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step, "batch_sequences": cfg.train.batch_size * cfg.train.grad_accum,
+        "lr": cfg.train.lr, "batch_tokens": tokens_per_step, "batch_sequences": cfg.train.batch_size * cfg.train.grad_accum,
         "seq_len": cfg.data.seq_len, "steps": cfg.train.max_steps,
         "train_loss_final": losses[-1] if losses else float("nan"),
         "train_loss_smoothed": sum(tail) / len(tail) if tail else float("nan"),
@@ -331,6 +332,9 @@ def render_report(cfg: RunConfig, s: dict[str, Any], changes: list[tuple[int, di
     notes = "".join(f"\n**Config changed on resume at step {step}** (`--allow-config-change`; the run is not an exact "
                     "replay of one config): " + ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in c.items()) + "\n"
                     for step, c in changes)
+    # text: bits per byte; other families: whatever their evaluation reports (val_* scalars)
+    held_out = "".join(f"| {'bits per byte' if k == 'val_bpb' else k} | {v:.4f} |\n" for k, v in s.items()
+                       if k.startswith("val_") and k != "val_loss" and isinstance(v, float))
     return f"""# Run `{s['run']}`
 
 | | |
@@ -343,8 +347,7 @@ def render_report(cfg: RunConfig, s: dict[str, Any], changes: list[tuple[int, di
 | lr, batch | {s['lr']:.3g}, {s['batch_tokens']:,} tokens ({s['batch_sequences']} x {s['seq_len']}) |
 | final train loss (smoothed) | {s['train_loss_smoothed']:.4f} |
 | validation loss | {s['val_loss']:.4f} nats/token |
-| bits per byte | {s['val_bpb']:.4f} |
-| throughput | {s['tok_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of {s['peak_flops'] / 1e9:,.0f} GFLOP/s |
+{held_out}| throughput | {s['tok_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of {s['peak_flops'] / 1e9:,.0f} GFLOP/s |
 | training time | {s['train_seconds']:.1f} s |
 
 ![loss curve](loss.png)
