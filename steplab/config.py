@@ -74,6 +74,7 @@ class VideoConfig:
     patch: int = 2  # spatial patch over the latents (time patch 1)
     text_layers: int = 2  # the small text encoder's transformer layers
     cond_drop: float = 0.1  # the fraction of training prompts replaced by the empty prompt (for CFG)
+    latent_pool: int = 4096  # video-latents: training clips encoded once by the VAE, batches drawn from them
 
 
 @dataclass
@@ -254,6 +255,7 @@ RANGES: dict[str, Range] = {
     "model.video.temporal_down": AT_LEAST_1, "model.video.kl_weight": AT_LEAST_0, "model.video.dit_dim": Range(8),
     "model.video.dit_layers": AT_LEAST_1, "model.video.dit_heads": AT_LEAST_1, "model.video.patch": AT_LEAST_1,
     "model.video.text_layers": AT_LEAST_0, "model.video.cond_drop": Range(0, 1, hi_open=True),
+    "model.video.latent_pool": AT_LEAST_1,
     "data.seq_len": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
@@ -319,10 +321,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
     # Step-Video (issue 21): 32x32 bouncing digits, 17 frames; VAE 4x4 spatial, 4x temporal -> 5x8x8x8 latents
-    "stepvideo-vae-nano": dict(model=dict(video=dict(channels=32, z_channels=8)),
+    "stepvideo-vae-nano": dict(model=dict(family="video-vae", video=dict(channels=32, z_channels=8)),
+                               data=dict(kind="video-clips", path="builtin"),
                                train=dict(batch_size=8, lr=2e-3, warmup_steps=20, weight_decay=0.0, max_steps=1000)),
     # DiT ~0.6M N over 80 latent patches (5 x 4 x 4); fp32: on this CPU bf16 autocast made its backward slower
-    "stepvideo-dit-nano": dict(model=dict(video=dict(dit_dim=96, dit_layers=5, dit_heads=4, patch=2, text_layers=1)),
+    "stepvideo-dit-nano": dict(model=dict(family="video-dit", video=dict(dit_dim=96, dit_layers=5, dit_heads=4, patch=2, text_layers=1)),
+                               data=dict(kind="video-latents", path="builtin"),
                                train=dict(batch_size=16, lr=1e-3, warmup_steps=50, weight_decay=0.0, max_steps=3000,
                                           dtype="fp32")),
 }

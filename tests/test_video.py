@@ -241,3 +241,42 @@ def test_presets_build():
     for name in ("stepvideo-vae-nano", "stepvideo-dit-nano"):
         cfg = preset(name).validate()
         assert cfg.model.video.spatial_down == 4 and cfg.model.video.temporal_down == 4
+
+
+# ---- through the one trainer ---------------------------------------------------------------------------
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _video_cfg(name: str, **video) -> RunConfig:
+    from steplab.config import resolve
+
+    shape = dict(frames=9, size=16, digit_size=6, channels=8, z_channels=4, dit_dim=24, dit_heads=2, dit_layers=1,
+                 text_layers=1, latent_pool=32, **video)
+    return resolve(name, overrides=[f"model.video.{k}={v}" for k, v in shape.items()] + [
+        "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.eval_batches=1", "train.batch_size=2",
+        "train.keep_last=0", "train.threads=1", "train.device=cpu", "train.warmup_steps=1"])
+
+
+def test_vae_and_dit_train_and_resume_exactly_through_the_trainer(tmp_path):
+    import shutil
+
+    from steplab.infer.video import load_video_run
+    from steplab.train.trainer import train
+
+    vae = train(_video_cfg("stepvideo-vae-nano"), tmp_path / "vae", progress=False)
+    assert {"val_loss", "val_psnr", "val_psnr_box"} <= set(vae)
+    dit_cfg = _video_cfg("stepvideo-dit-nano", vae_run=tmp_path / "vae")
+    full = train(dit_cfg, tmp_path / "dit", progress=False)
+    shutil.copytree(tmp_path / "dit", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_00000004")  # killed between steps 2 and 4
+    from steplab.train.metrics import peak_flops
+
+    peak_flops.cache_clear()  # as in a fresh process: measuring the peak must not move the restored RNG
+    resumed = train(dit_cfg, tmp_path / "part", resume=True, progress=False)
+    assert len(_losses(tmp_path / "dit")) == 4 and _losses(tmp_path / "part") == _losses(tmp_path / "dit")
+    assert resumed["val_loss"] == full["val_loss"]
+    _, model = load_video_run(tmp_path / "dit")  # self-contained: the VAE and latent statistics are in the checkpoint
+    shutil.rmtree(tmp_path / "vae")
+    _, again = load_video_run(tmp_path / "dit")
+    assert torch.equal(again.z_std, model.z_std) and torch.equal(again.sample(["a 1"], steps=2), model.sample(["a 1"], steps=2))

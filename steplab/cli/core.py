@@ -135,7 +135,8 @@ def cmd_train(args) -> int:
     cfg = resolve(args.preset, args.config, overrides)
     t0 = time.time()
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, allow_config_change=args.allow_config_change)
-    print(f"val loss {summary['val_loss']:.4f}, bits/byte {summary['val_bpb']:.4f}, "
+    bpb = f", bits/byte {summary['val_bpb']:.4f}" if "val_bpb" in summary else ""  # text runs only
+    print(f"val loss {summary['val_loss']:.4f}{bpb}, "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}, wall {time.time() - t0:.1f} s -> {args.out}")
     return 0
 

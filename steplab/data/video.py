@@ -211,10 +211,11 @@ class VideoLatentData:
     vocab_size = 0
     tokenizer_dir = None
 
-    def __init__(self, cfg, pool: int = 4096):
+    def __init__(self, cfg, pool: int | None = None):
         from steplab.models.video import load_vae_run
 
         v = cfg.model.video
+        pool = v.latent_pool if pool is None else pool
         self.vae = load_vae_run(v.vae_run, cfg.model)
         self.batch_size, self.seed, self.step = cfg.train.batch_size * cfg.train.grad_accum, cfg.train.seed, 0
         self.clips = VideoClipData(v, 64, seed=777, eval_batches=max(1, cfg.train.eval_batches), pairs=TRAIN_PAIRS,
@@ -245,3 +246,18 @@ class VideoLatentData:
 
     def eval_batches(self):
         return iter(self.evals)
+
+
+def build_latent_data(cfg) -> VideoLatentData:
+    """The registered builder for data kind ``video-latents`` (cfg.data.path: "builtin")."""
+    return VideoLatentData(cfg)
+
+
+def _register() -> None:
+    from steplab.train.data import register_data  # the trainer imports this module when a run names these kinds
+
+    register_data("video-clips", build_clip_data)
+    register_data("video-latents", build_latent_data)
+
+
+_register()

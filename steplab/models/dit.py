@@ -284,6 +284,29 @@ class VideoDiT(nn.Module):
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """N: the DiT and its text encoder (trained); the frozen VAE is counted in total only."""
-    m = VideoDiT(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, vae_run="")))  # shapes only
+    with torch.random.fork_rng(devices=[]):  # counting must not move the run's RNG
+        m = VideoDiT(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, vae_run="")))  # shapes only
     n = sum(p.numel() for p in m.parameters() if p.requires_grad)
     return {"N": n, "N_active": n, "embedding": m.text.embed.weight.numel(), "total": sum(p.numel() for p in m.parameters())}
+
+
+def flops_per_latent(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Per latent element (the DiT's "token"); ``model`` counted on one forward of the velocity network."""
+    from steplab.models.video import measured_flops
+
+    with torch.random.fork_rng(devices=[]):
+        m = VideoDiT(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, vae_run=""))).eval()
+        (t, gh, gw), p = m.grid, cfg.video.patch
+        z = torch.zeros(1, cfg.video.z_channels, t, gh * p, gw * p)
+        flops = measured_flops(m.velocity, z, torch.zeros(1), encode_prompts(["a 0 moving up"]))
+    n_tokens = t * gh * gw
+    return {"6N": 6.0 * count_params(cfg)["N"] * n_tokens / z.numel(), "model": flops / z.numel()}
+
+
+def _register() -> None:
+    from steplab.models import Family, register_family
+
+    register_family("video-dit", lambda: Family("video-dit", VideoDiT, count_params, flops_per_latent))
+
+
+_register()

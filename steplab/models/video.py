@@ -160,7 +160,7 @@ class VideoVAE(nn.Module):
             psnr += psnr_frames(y, x).sum().item()
             psnr_box += psnr_frames(y, x, box=True).sum().item()
             n += len(x)
-        return {"val_loss": mse / n, "psnr": psnr / n, "psnr_box": psnr_box / n}
+        return {"val_loss": mse / n, "val_psnr": psnr / n, "val_psnr_box": psnr_box / n}
 
 
 def psnr_frames(y: torch.Tensor, x: torch.Tensor, box: bool = False) -> torch.Tensor:
@@ -208,11 +208,39 @@ def load_vae_run(run_dir, cfg: ModelConfig) -> VideoVAE:
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "model.safetensors").is_file())
     if not ckpts:
         raise ConfigError(f"model.video.vae_run={run_dir} has no checkpoint; train the VAE first")
-    vae = VideoVAE(cfg)
+    with torch.random.fork_rng(devices=[]):
+        vae = VideoVAE(cfg)
     vae.load_state_dict(load_file(str(ckpts[-1] / "model.safetensors")))
     return vae.eval().requires_grad_(False)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    n = sum(p.numel() for p in VideoVAE(cfg).parameters())
+    with torch.random.fork_rng(devices=[]):  # building a model to count it must not move the run's RNG
+        n = sum(p.numel() for p in VideoVAE(cfg).parameters())
     return {"N": n, "N_active": n, "embedding": 0, "total": n}
+
+
+def measured_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """Training FLOPs of one forward + backward (3x the counted forward) on these inputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return 3.0 * counter.get_total_flops()
+
+
+def flops_per_pixel(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Per pixel (the VAE's "token"): counted on one clip; 6N would miss that a conv weight is reused per position."""
+    v = cfg.video
+    with torch.random.fork_rng(devices=[]):
+        model = measured_flops(VideoVAE(cfg).eval(), torch.zeros(1, 1, v.frames, v.size, v.size)) / (v.frames * v.size ** 2)
+    return {"6N": 6.0 * count_params(cfg)["N"], "model": model}
+
+
+def _register() -> None:
+    from steplab.models import Family, register_family
+
+    register_family("video-vae", lambda: Family("video-vae", VideoVAE, count_params, flops_per_pixel))
+
+
+_register()

@@ -38,7 +38,7 @@ class TrainData(Protocol):
 
 
 # Data kinds registered by modules the trainer imports on demand: kind -> module (which calls register_data).
-DATA_MODULES: dict[str, str] = {}
+DATA_MODULES: dict[str, str] = {"video-clips": "steplab.data.video", "video-latents": "steplab.data.video"}
 
 _BUILDERS: dict[str, Callable[[RunConfig], TrainData]] = {}
 
