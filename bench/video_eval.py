@@ -103,8 +103,8 @@ def main():
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("probe"); s.add_argument("--out", required=True); s.add_argument("--steps", type=int, default=600)
-    s.add_argument("--n", type=int, default=1000)
+    s = sub.add_parser("probe"); s.add_argument("--out", required=True); s.add_argument("--steps", type=int, default=1200)
+    s.add_argument("--n", type=int, default=500)
     s = sub.add_parser("vae"); s.add_argument("run"); s.add_argument("--n", type=int, default=256)
     for name in ("dit", "grid"):
         s = sub.add_parser(name); s.add_argument("run")

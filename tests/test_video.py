@@ -280,3 +280,36 @@ def test_vae_and_dit_train_and_resume_exactly_through_the_trainer(tmp_path):
     shutil.rmtree(tmp_path / "vae")
     _, again = load_video_run(tmp_path / "dit")
     assert torch.equal(again.z_std, model.z_std) and torch.equal(again.sample(["a 1"], steps=2), model.sample(["a 1"], steps=2))
+
+
+def test_sample_verb_writes_a_gif_and_refuses_other_formats(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from steplab.cli import main
+
+    cfg = tiny()
+    cfg.model.family = "video-dit"
+    torch.manual_seed(0)
+    run = tmp_path / "dit"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in dm.VideoDiT(cfg.model).state_dict().items()},
+              str(run / "checkpoints" / "step_00000001" / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "clip.gif"
+    assert main(["sample", str(run), "--prompt", "a 1 moving up", "--out", str(out), "--steps", "2", "-n", "2"]) == 0
+    for i in (1, 2):
+        frames = iio.imread(tmp_path / f"clip-{i}.gif", index=None)
+        assert frames.shape[:3] == (9, 64, 64)
+    assert main(["sample", str(run), "--prompt", "a 1", "--out", str(tmp_path / "clip.avi")]) == 2
+    assert "must end in .gif or .mp4" in capsys.readouterr().err
+    assert main(["sample", str(run), "--prompt", "a 1"]) == 2  # a video run needs --out
+    assert "pass --out" in capsys.readouterr().err
+
+
+def test_centre_crops_follow_the_digit():
+    gen = torch.Generator().manual_seed(1)
+    clips = vd.sample_clips(gen, 4, frames=17, size=32, digit_size=12)[0]
+    crops = ev.centre_crops(clips[:, 0])
+    assert crops.shape == (4, 1, ev.CROP, ev.CROP)
+    assert torch.allclose(crops.sum((1, 2, 3)), clips[:, 0].sum((1, 2)))  # the whole digit is inside the window
+    assert torch.equal(ev.centre_crops(torch.zeros(1, 32, 32)), torch.zeros(1, 1, ev.CROP, ev.CROP))
