@@ -106,3 +106,26 @@ def test_queue_cap_expiry_and_disk_cap(setup):
     videos.run_pending()
     assert videos.jobs[a].status == "expired" and not videos.path(videos.jobs[a]).exists()
     assert videos.jobs[b].status == "completed" and videos.path(videos.jobs[b]).exists()
+
+
+def test_serve_verb_takes_video_runs_out_of_the_text_engines(tmp_path):
+    import argparse
+    import json
+
+    from safetensors.torch import save_file
+
+    from steplab.cli.serve import _video_service
+
+    model = tiny_dit()
+    cfg = RunConfig.from_dict(dict(model=dict(family="video-dit", video=dict(
+        frames=9, size=16, digit_size=6, channels=8, z_channels=4, dit_dim=24, dit_heads=2, dit_layers=1, text_layers=1))))
+    run = tmp_path / "dit"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "checkpoints" / "step_00000001" / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    models = {"step-video-nano": str(run), "step-1-8k": str(tmp_path / "text-run")}
+    args = argparse.Namespace(video_dir=str(tmp_path / "videos"), video_max_bytes=1000, video_ttl=5)
+    videos = _video_service(models, args)
+    assert models == {"step-1-8k": str(tmp_path / "text-run")} and list(videos.models) == ["step-video-nano"]
+    assert videos.max_bytes == 1000 and videos.ttl_s == 5
+    assert torch.equal(videos.models["step-video-nano"].patch_in.weight, model.patch_in.weight)
