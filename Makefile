@@ -6,6 +6,7 @@ PY ?= python
 install:
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m steplab.eval.lm_eval_plugin install  # plain `lm_eval --model steplab` (docs/serving.md)
 
 # Headless Chromium for the chat-page test (Debian packages); skipped quietly where apt is unavailable.
 browser:

@@ -188,3 +188,62 @@ def test_lm_eval_registry_knows_steplab():
     from lm_eval.api.registry import get_model
 
     assert get_model("steplab").__name__ == "SteplabLM"
+
+
+def test_plain_lm_eval_command_finds_steplab_through_the_pth_hook(loaded, tmp_path, monkeypatch):
+    """`python -m steplab.eval.lm_eval_plugin install` writes a .pth line; a fresh interpreter that processes it
+    (as site.py does for site-packages) runs the harness's own CLI with `--model steplab --model_args run=DIR`
+    and scores the local task exactly as the in-process model does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from steplab.eval.harness import SteplabLM
+    from steplab.eval.lm_eval_plugin import PTH_NAME, install, remove
+
+    run, _, _ = loaded
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    assert install(site_dir) == site_dir / PTH_NAME
+    cli = ["lm_eval", "--model", "steplab", "--model_args", f"run={run},dtype=fp32", "--device", "cpu", "--batch_size", "8",
+           "--tasks", "steplab_next_line", "--include_path", str(TASKS), "--limit", "12",
+           "--output_path", str(tmp_path / "out")]
+    code = (f"import site, sys; site.addsitedir({str(site_dir)!r}); sys.argv = {cli!r}; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=TASKS, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["steplab_next_line"]
+
+    monkeypatch.chdir(TASKS)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    local = simple_evaluate(model=SteplabLM(run=str(run), device="cpu", dtype="fp32", batch_size=8),
+                            tasks=["steplab_next_line"], task_manager=manager, limit=12)["results"]["steplab_next_line"]
+    assert got["acc,none"] == local["acc,none"] and got["acc_norm,none"] == local["acc_norm,none"]
+    remove(site_dir)
+    assert not (site_dir / PTH_NAME).exists()
+
+
+def test_the_pth_line_is_silent_where_the_steplab_found_has_no_hook(tmp_path):
+    """The .pth line runs in every Python process: with an older steplab first on the path (no hook module) it
+    must do nothing and print nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from steplab.eval.lm_eval_plugin import install
+
+    site_dir, old = tmp_path / "site", tmp_path / "old"
+    site_dir.mkdir()
+    (old / "steplab").mkdir(parents=True)
+    (old / "steplab" / "__init__.py").write_text("")
+    install(site_dir)
+    code = f"import site; site.addsitedir({str(site_dir)!r}); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(old)},
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
