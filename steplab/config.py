@@ -77,6 +77,33 @@ class VisionConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Step-Video (issue 21): the clip shape, the causal video VAE (family video-vae) and the DiT (video-dit).
+
+    One block for both families: the DiT is trained on the latents of a finished VAE run (``vae_run``) and
+    both need the clip shape the sampler must produce.
+    """
+
+    frames: int = 17  # 1 + k * temporal_down: the first frame is encoded on its own, the rest k-fold in time
+    size: int = 32  # square canvas side in pixels
+    digit_size: int = 12  # the 8x8 (or 28x28 MNIST) digit is resized to this
+    source: str = "digits"  # digits (scikit-learn load_digits) | mnist (../shared/data/mnist)
+    channels: int = 32  # VAE width at the lowest resolution (half of it at full resolution)
+    z_channels: int = 8  # latent channels
+    spatial_down: int = 4  # 1, 2, 4, 8, 16: each factor of 2 is one down block
+    temporal_down: int = 4  # 1, 2, 4, 8: must not exceed spatial_down's block count
+    kl_weight: float = 1e-4  # per-element KL against the per-element reconstruction MSE
+    vae_run: str = ""  # video-dit: the VAE run directory whose latents the DiT learns
+    dit_dim: int = 128
+    dit_layers: int = 6
+    dit_heads: int = 4
+    patch: int = 2  # spatial patch over the latents (time patch 1)
+    text_layers: int = 2  # the small text encoder's transformer layers
+    cond_drop: float = 0.1  # the fraction of training prompts replaced by the empty prompt (for CFG)
+    latent_pool: int = 4096  # video-latents: training clips encoded once by the VAE, batches drawn from them
+
+
+@dataclass
 class ModelConfig:
     """Step-1 decoder shape. Defaults follow the Llama layout so HF export is exact."""
 
@@ -96,6 +123,7 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     doc_mask_token: int = -1  # >= 0: in training, attention stays inside the documents this token starts
+    video: VideoConfig = field(default_factory=VideoConfig)  # issue 21: video-vae / video-dit families
 
     def __post_init__(self) -> None:
         if self.rope.scaling != "none" and self.rope.original_max_seq_len == 0:
@@ -281,6 +309,12 @@ RANGES: dict[str, Range] = {
     "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
     "model.moe.first_dense": AT_LEAST_0, "model.moe.every": AT_LEAST_1,
     "model.moe.bias_update_rate": AT_LEAST_0, "model.moe.aux_loss_coef": AT_LEAST_0, "model.moe.z_loss_coef": AT_LEAST_0,
+    "model.video.frames": AT_LEAST_1, "model.video.size": Range(4), "model.video.digit_size": AT_LEAST_1,
+    "model.video.channels": Range(8), "model.video.z_channels": AT_LEAST_1, "model.video.spatial_down": AT_LEAST_1,
+    "model.video.temporal_down": AT_LEAST_1, "model.video.kl_weight": AT_LEAST_0, "model.video.dit_dim": Range(8),
+    "model.video.dit_layers": AT_LEAST_1, "model.video.dit_heads": AT_LEAST_1, "model.video.patch": AT_LEAST_1,
+    "model.video.text_layers": AT_LEAST_0, "model.video.cond_drop": Range(0, 1, hi_open=True),
+    "model.video.latent_pool": AT_LEAST_1,
     "data.seq_len": AT_LEAST_1, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
@@ -295,7 +329,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.moe.score": ("softmax", "sigmoid"), "model.rope.scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
     "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"), "train.device": ("auto", "cpu", "cuda"),
-    "train.parallel": ("auto", "none", "ddp", "fsdp"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp"), "model.video.source": ("digits", "mnist"),
 }
 
 
@@ -353,6 +387,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
         image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)),
         data=dict(kind="vqa", path="vqa", seq_len=48)),
+    # Step-Video (issue 21): 32x32 bouncing digits, 17 frames; VAE 4x4 spatial, 4x temporal -> 5x8x8x8 latents
+    "stepvideo-vae-nano": dict(model=dict(family="video-vae", video=dict(channels=32, z_channels=8)),
+                               data=dict(kind="video-clips", path="builtin"),
+                               train=dict(batch_size=8, lr=2e-3, warmup_steps=20, weight_decay=0.0, max_steps=1000)),
+    # DiT ~0.6M N over 80 latent patches (5 x 4 x 4); fp32: on this CPU bf16 autocast made its backward slower
+    "stepvideo-dit-nano": dict(model=dict(family="video-dit", video=dict(dit_dim=96, dit_layers=5, dit_heads=4, patch=2, text_layers=1)),
+                               data=dict(kind="video-latents", path="builtin"),
+                               train=dict(batch_size=16, lr=1e-3, warmup_steps=50, weight_decay=0.0, max_steps=3000,
+                                          dtype="fp32")),
 }
 CONTEXT_VARIANTS = {"8k": 8192, "16k": 16384, "32k": 32768}
 

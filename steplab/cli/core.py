@@ -77,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking the KV cache)")
     p.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    p.add_argument("--out", help="video runs: write the clip here (.gif; .mp4 needs imageio-ffmpeg); -n > 1 numbers the files")
+    p.add_argument("--steps", type=int, default=30, help="video: Euler steps of the flow sampler")
+    p.add_argument("--cfg-scale", type=float, default=5.0, help="video: classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=1.0, help="video: time shift of the sampler's timesteps")
     add_dtype_arg(p)
     p.set_defaults(func=cmd_sample)
 
@@ -149,6 +153,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from steplab.infer.video import is_video_run
+
+    if args.out or is_video_run(args.run):
+        return cmd_sample_video(args)
     from steplab.infer.prompts import torch_dtype
     from steplab.infer.sampling import SamplingParams, generate
     from steplab.train.checkpoint import load_run
@@ -167,4 +175,28 @@ def cmd_sample(args) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(args.prompt + tokenizer.decode(o, skip_special=True))
+    return 0
+
+
+def cmd_sample_video(args) -> int:
+    """Text to video with a video-dit run: one clip per sample, written atomically."""
+    from pathlib import Path
+
+    from steplab.errors import ConfigError
+    from steplab.infer.video import check_out_path, load_video_run, write_clip
+
+    if not args.out:
+        raise ConfigError(f"{args.run} is a video run: pass --out clip.gif (or .mp4)")
+    check_out_path(args.out)
+    if args.steps < 1 or args.num_samples < 1:
+        raise ConfigError("--steps and -n must be at least 1")
+    _, model = load_video_run(args.run)
+    if not hasattr(model, "sample"):
+        raise ConfigError(f"{args.run} is a video VAE run; sample from a video-dit run (trained on its latents)")
+    out = Path(args.out)
+    clips = model.sample([args.prompt] * args.num_samples, steps=args.steps, cfg_scale=args.cfg_scale,
+                         shift=args.shift, seed=args.seed)
+    for i, clip in enumerate(clips):
+        path = out if args.num_samples == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        print(write_clip(clip, path))
     return 0

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_dtype_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--video-dir", default="steplab-videos", help="video-dit runs: where /v1/videos keeps finished clips")
+    p.add_argument("--video-max-bytes", type=int, default=100_000_000, help="cap on the stored clips (oldest go first)")
+    p.add_argument("--video-ttl", type=int, default=3600, help="seconds a finished clip is kept")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a run in the terminal (/reset, /quit)")
@@ -102,11 +105,16 @@ def cmd_serve(args) -> int:
         except ValueError:
             raise ConfigError(f"--trusted-proxy {proxy!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8)") from None
     _check_port(args.host, args.port)
+    videos = _video_service(models, args)
     app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, auth_failure_limit=failure_limit,
                      trusted_proxies=args.trusted_proxy or None, max_request_bytes=args.max_request_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                      max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype,
-                     max_chat_request_bytes=args.max_chat_request_bytes, allow_remote_images=args.allow_remote_images)
+                     max_chat_request_bytes=args.max_chat_request_bytes, allow_remote_images=args.allow_remote_images,
+                     videos=videos)
+    if videos is not None:
+        print(f"video models {', '.join(videos.models)}: /v1/videos, files in {videos.directory} "
+              f"(cap {videos.max_bytes:,} bytes, expiry {videos.ttl_s} s)")
     for name, engine in app.state.engines.items():
         print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch})")
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
@@ -191,3 +199,24 @@ def cmd_chat(args, input_fn=input) -> int:
             history.append({"role": "assistant", "content": "".join(reply)})
     finally:
         engine.stop()
+
+
+def _video_service(models: dict[str, str], args):
+    """Take the video-dit runs out of ``models`` (text engines) into a /v1/videos job service (issue 21)."""
+    from steplab.infer.video import is_video_run, load_video_run
+
+    names = [n for n, path in models.items() if is_video_run(path)]
+    if not names:
+        return None
+    from steplab.serve.video_jobs import VideoService
+
+    loaded = {}
+    for name in names:
+        path = models.pop(name)
+        _, model = load_video_run(path)
+        if not hasattr(model, "sample"):
+            raise ConfigError(f"{path} is a video VAE run; serve a video-dit run (trained on its latents)")
+        loaded[name] = model
+    if args.video_max_bytes < 1 or args.video_ttl < 1:
+        raise ConfigError("--video-max-bytes and --video-ttl must be at least 1")
+    return VideoService(loaded, args.video_dir, max_bytes=args.video_max_bytes, ttl_s=args.video_ttl)

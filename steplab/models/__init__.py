@@ -45,7 +45,7 @@ class Family:
 
 # Families other than Step-1/Step-2, by ``model.family``: the module that calls register_family, imported only
 # when a config names it (a text run never imports the vision or video code).
-FAMILY_MODULES: dict[str, str] = {"step1v": "steplab.models.vision"}
+FAMILY_MODULES: dict[str, str] = {"step1v": "steplab.models.vision", "video-vae": "steplab.models.video", "video-dit": "steplab.models.dit"}
 
 _FAMILIES: dict[str, Callable[[], Family]] = {}
 

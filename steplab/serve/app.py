@@ -31,7 +31,7 @@ from steplab.serve.errors import install_error_handlers
 from steplab.serve.gate import Gate
 from steplab.serve.media import chat_request_bytes
 from steplab.serve.metrics import Metrics
-from steplab.serve.routes import audio, chat, completions, health, models as model_routes
+from steplab.serve.routes import audio, chat, completions, health, models as model_routes, videos as video_routes
 from steplab.serve.schema import openapi_components
 
 
@@ -58,7 +58,7 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
                auth_failure_limit: str | None = AUTH_FAILURE_LIMIT, trusted_proxies: list[str] | None = None,
                max_request_bytes: int = 1_000_000, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
                max_len: int | None = None, device: str = "cpu", dtype: str | None = None,
-               max_chat_request_bytes: int | None = None, allow_remote_images: bool = False) -> FastAPI:
+               max_chat_request_bytes: int | None = None, allow_remote_images: bool = False, videos=None) -> FastAPI:
     """The API over ``models``: name -> run directory, ``Engine``, or ``(model, tokenizer)``.
 
     ``api_keys=None`` turns authentication off (the caller must say so; an empty set is refused).
@@ -69,9 +69,9 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     images: ``max_chat_request_bytes`` (default: that plus room for serve/media.py's MAX_IMAGES images when a
     served model reads images, else the same limit).
     ``allow_remote_images``: fetch http(s) image URLs (default: refuse them with a 400). Engines built here are started with the app and stopped with it; engines passed in
-    are started if needed and left running.
+    are started if needed and left running. ``videos``: a serve/video_jobs.VideoService for ``/v1/videos``.
     """
-    if not models:
+    if not models and videos is None:
         raise ValueError("create_app needs at least one model")
     owned = {name for name, spec in models.items() if not isinstance(spec, Engine)}
     engines = {name: load_engine(name, spec, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
@@ -82,15 +82,19 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
                     checker=KeyChecker(api_keys) if api_keys is not None else None,
                     limiter=RateLimiter(rate_limit) if rate_limit else None,
                     auth_failures=RateLimiter(auth_failure_limit) if auth_failure_limit and api_keys is not None else None,
-                    allow_remote_images=allow_remote_images)
+                    allow_remote_images=allow_remote_images, videos=videos)
 
     @asynccontextmanager
     async def lifespan(app):
         for engine in engines.values():
             engine.start()
+        if videos is not None:
+            videos.start()
         yield
         for name in owned:
             engines[name].stop()
+        if videos is not None:
+            videos.stop()
 
     app = FastAPI(title="steplab", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = st
@@ -98,7 +102,7 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     app.state.metrics = metrics
     app.state.speech = audio.speech_models(models, engines)  # runs with a speech tokenizer serve /v1/audio/*
     install_error_handlers(app)
-    for module in (health, model_routes, completions, chat, audio):
+    for module in (health, model_routes, completions, chat, audio, video_routes):
         app.include_router(module.router)
 
     def openapi() -> dict:

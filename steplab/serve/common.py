@@ -26,6 +26,7 @@ class ServeState:
     tables: dict[str, list] = field(default_factory=dict)
     in_flight: int = 0  # HTTP handlers running (kept by the Gate middleware)
     allow_remote_images: bool = False  # http(s) image URLs in chat requests (serve/media.py); off: 400
+    videos: object = None  # serve/video_jobs.VideoService when video models are served (issue 21)
 
     def table(self, name: str) -> list:
         from steplab.serve.tokens import token_table

@@ -102,8 +102,10 @@ def peak_flops(device_type: str, dtype: str) -> float:
 
 
 def measure_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device_type, dtype=dtype)
-    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    # its own generator: this runs after a resume restored the run's RNG, which must not move (exact resume)
+    gen = torch.Generator(device=device_type).manual_seed(0)
+    a = torch.randn(n, n, device=device_type, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device_type, dtype=dtype, generator=gen)
     best = float("inf")
     for _ in range(repeats + 1):  # the first call warms up (thread pool, AMX tiles, cuBLAS handles)
         if device_type == "cuda":
