@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[24, 32])
     ap.add_argument("--tokens", type=int, nargs="+", default=[100_000, 200_000, 400_000])
     ap.add_argument("--one-worker", action="store_true", help="also time the wsd sweep on 1 worker (A vs B)")
+    ap.add_argument("--variants", nargs="+", default=["ind_warmup", "ind_rule", "ind_cosine"],
+                    help="independent recipes to compare (C1-C3)")
     args = ap.parse_args()
     out = Path(args.out)
     workers = auto_workers(99)
@@ -99,7 +101,7 @@ def main() -> None:
                  dict(train=wsd_train)),
                 ("independent cosine, lr, batch and warm-up of its own D (the pre-WSD recipe)", "ind_cosine", {})]
     c = None
-    for name, sub, extra in variants:
+    for name, sub, extra in [v for v in variants if v[1] in args.variants]:
         c = sweep(grid("independent", args.widths, args.tokens, **extra), out / sub, args.data, workers)
         other = rows(out / sub)
         for k, r in other.items():
