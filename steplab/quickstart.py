@@ -28,7 +28,7 @@ from steplab.data.prepare import META, prepare_data
 from steplab.errors import ConfigError, FitError
 
 MIN_CORPUS_BYTES = 400_000  # enough text for the 1024-token BPE at tiny budgets
-# ~5.6 MB of the standard library: ~2.1M train tokens. The sweep's budgets run up to the unique tokens (TOKENS), so
+# ~5.6 MB of the standard library: ~2.0M train tokens. The sweep's budgets run up to the unique tokens (TOKENS), so
 # the planned run, which the data limits to one pass (D = the unique tokens), sits at the largest swept D and
 # extrapolates in N alone. With the whole library (4.3M tokens) and budgets up to 2M, the plan extrapolated 2x in
 # D as well and missed by +7.5% / +8.4% (seeds 0, two runs; docs/LOG.md): the law fitted up to 2M tokens
@@ -50,7 +50,7 @@ FAMILY = {"n_layer": 2, "n_head": 2}
 # 1.56, 95% CI [0.16, 2.57] on the earlier 4-size sweep). d_model 24 is the smallest width with an even head
 # dim whose N still follows the family (d_ff 64).
 SIZES = [{"d_model": d, **FAMILY} for d in (24, 32, 48, 64, 96)]  # N = 13,824 / 32,768 / 55,296 / 106,496 / 221,184
-# Token budgets as fractions of the unique train tokens (~0.5M, 1M, 2.1M at the default corpus), as WSD branches:
+# Token budgets as fractions of the unique train tokens (~0.5M, 1M, 2.0M at the default corpus), as WSD branches:
 # one stable run per size (docs/scaling_laws.md). The lr and batch rules are evaluated at the largest budget for
 # every branch (a branch continues its size's stable phase), so the table describes one D-agnostic recipe,
 # the planned run's: bench/wsd_branches.py measures what that recipe gives vs per-budget lr and batch.
