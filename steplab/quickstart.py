@@ -28,7 +28,13 @@ from steplab.data.prepare import META, prepare_data
 from steplab.errors import ConfigError, FitError
 
 MIN_CORPUS_BYTES = 400_000  # enough text for the 1024-token BPE at tiny budgets
-CORPUS_BYTES = 12_000_000  # the whole standard library (~11.9 MB here): ~4.3M train tokens, so no run repeats data
+# ~5.6 MB of the standard library: ~2.0M train tokens. The sweep's budgets run up to the unique tokens (TOKENS), so
+# the planned run, which the data limits to one pass (D = the unique tokens), sits at the largest swept D and
+# extrapolates in N alone. With the whole library (4.3M tokens) and budgets up to 2M, the plan extrapolated 2x in
+# D as well and missed by +7.5% / +8.4% (seeds 0, two runs; docs/LOG.md): the law fitted up to 2M tokens
+# under-estimates how much the loss still falls by 4M.
+CORPUS_BYTES = 5_600_000
+CORPUS_TOKENS = 2_100_000  # about what CORPUS_BYTES gives; a --budget below 1 uses this many x budget of them
 # 1024, not 4096: at these sizes a 4096-token vocabulary puts most parameters and compute in the embedding and
 # lm_head (d_model 64: 524k embedding vs 106k non-embedding parameters); the loss then hardly depended on N
 # (a 2-layer d_model 96 model lost to d_model 64 at 800k tokens) and the fit had no N term to find. At 1024
@@ -44,7 +50,11 @@ FAMILY = {"n_layer": 2, "n_head": 2}
 # 1.56, 95% CI [0.16, 2.57] on the earlier 4-size sweep). d_model 24 is the smallest width with an even head
 # dim whose N still follows the family (d_ff 64).
 SIZES = [{"d_model": d, **FAMILY} for d in (24, 32, 48, 64, 96)]  # N = 13,824 / 32,768 / 55,296 / 106,496 / 221,184
-TOKENS = [500_000, 1_000_000, 2_000_000]  # as WSD branches: one stable run per size (docs/scaling_laws.md)
+# Token budgets as fractions of the unique train tokens (~0.5M, 1M, 2.0M at the default corpus), as WSD branches:
+# one stable run per size (docs/scaling_laws.md). The lr and batch rules are evaluated at the largest budget for
+# every branch (a branch continues its size's stable phase), so the table describes one D-agnostic recipe,
+# the planned run's: bench/wsd_branches.py measures what that recipe gives vs per-budget lr and batch.
+TOKENS = [0.25, 0.5, 1.0]
 # lr and batch: Step Law's form, lr = c N^a D^b and batch = 0.58 D^0.571 (published). Its published lr
 # (1.79 N^-0.713 D^0.307, fitted on 2e8-1e9 parameters) is 3-10x too large at these sizes, and above the best
 # lr lies a cliff where runs stall near loss 4.2. So the lr uses our own coefficients with Step Law's D exponent:
@@ -80,10 +90,13 @@ def moe_sizes(sizes: list[dict] = SIZES) -> list[dict]:
     return out
 
 
-def sweep_grid(budget: float, device: str, moe: bool = False, seed: int = 0, mode: str = "wsd") -> dict:
+def sweep_grid(budget: float, device: str, moe: bool = False, seed: int = 0, mode: str = "wsd",
+               unique_tokens: float | None = None) -> dict:
+    """The sweep over ``TOKENS`` x the unique train tokens the run may use (default ``CORPUS_TOKENS`` x budget)."""
+    unique = unique_tokens or CORPUS_TOKENS * budget
     return {
         "sizes": moe_sizes() if moe else SIZES,
-        "tokens": [max(SEQ_LEN * 8, int(t * budget)) for t in TOKENS],
+        "tokens": [max(SEQ_LEN * 8, int(f * unique)) for f in TOKENS],
         "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS, "seeds": [seed], "mode": mode,
         "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": 0.05,
         # min_lr_ratio 0: anneal to ~0, as Step Law's runs do (to 1e-5)
@@ -124,16 +137,18 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
         print(f"[1/5] data: reusing {data_dir}")
     else:
         print(f"[1/5] data: {source} corpus -> byte-level BPE ({VOCAB_SIZE} tokens) -> shards (split seed {seed})")
-        # the corpus scales with the budget as the sweep does, so the planned run stays ~2x the largest swept D
+        # the corpus scales with the budget, and the sweep's budgets with the corpus
         meta = prepare_data(source, data_dir, vocab_size=VOCAB_SIZE, max_bytes=max(MIN_CORPUS_BYTES, int(CORPUS_BYTES * budget)),
                             progress=progress, seed=seed)
-    unique = float(meta["train"]["tokens"])
+    # the tokens this budget may use: all of them at --budget 1; at smaller budgets the tokenizer still needs
+    # MIN_CORPUS_BYTES of text, but the sweep and the planned run keep to CORPUS_TOKENS x budget of it
+    unique = float(min(meta["train"]["tokens"], max(CORPUS_TOKENS * budget, SEQ_LEN * 32)))
     print(f"      train {meta['train']['tokens']:,} tokens / val {meta['val']['tokens']:,} tokens "
           f"from {meta['train']['documents'] + meta['val']['documents']:,} documents")
     phases["data"] = time.time() - t
 
     # 2. sweep, with the running fit printed after each new point
-    grid = sweep_grid(budget, device, moe, seed)
+    grid = sweep_grid(budget, device, moe, seed, unique_tokens=unique)
     runs = [r for r in expand_grid(grid, str(data_dir)) if not r.stable]
     Ns = sorted({_N(r) for r in runs})
     C_max = max(6 * _N(r) * r.config["train"]["max_steps"] * _tokens_per_step(r.config) for r in runs)
@@ -362,6 +377,9 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
            "mode": "independent"}
     one["fixed"] = {**grid["fixed"], "train": {**grid["fixed"]["train"], "schedule": "wsd",
                                                "decay_fraction": DECAY_FRACTION}}
+    # warm-up: 5% of the planned run's own steps, not the sweep's warm-up tokens (5% of the smallest budget's
+    # steps): with that 4x shorter warm-up the 885k-parameter run stalled near loss 5.5 for ~60 steps and ended
+    # 7% above the 221k sweep model (seed 0: 2.9655 vs 2.7728; docs/LOG.md)
     run = expand_grid(one, str(data_dir))[0]
     cfg = RunConfig.from_dict(run.config)
     N_cfg = count_params(cfg.model)["N_active"]  # = N for dense; the law's N for MoE

@@ -58,15 +58,35 @@ def test_wsd_sweep_table_and_cost(wsd_swept):
 
 
 def test_branch_equals_the_same_wsd_run_trained_from_scratch(wsd_swept, tmp_path):
-    """A branch is exactly the independent WSD run it stands for (CPU, same threads): same loss to the bit."""
-    out, _ = wsd_swept
-    row = json.loads((out / "runs.jsonl").read_text().splitlines()[4])  # d64, D = 2560
-    cfg = json.loads((out / "runs" / row["run"] / "config.json").read_text())
-    cfg["train"].update(init_from="", init_state=False)
+    """Every branch (2 sizes x 3 budgets) is exactly the independent WSD run it stands for when that run has the
+    branch's recipe (lr, batch, warm-up, decay over the same last steps; CPU, same threads): same loss to the bit.
+    So data order, evaluation and the branching itself add nothing; what separates a branch from an independent
+    run of another recipe is only that recipe (bench/wsd_branches.py measures it)."""
     import torch
+
+    out, _ = wsd_swept
     torch.set_num_threads(1)
-    s = train(RunConfig.from_dict(cfg), tmp_path / "scratch", progress=False)
-    assert s["val_loss"] == row["loss"] and s["init_step"] == 0
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for i, row in enumerate(rows):
+        cfg = json.loads((out / "runs" / row["run"] / "config.json").read_text())
+        cfg["train"].update(init_from="", init_state=False, decay_fraction=0.2)  # the plain recipe's decay
+        s = train(RunConfig.from_dict(cfg), tmp_path / f"scratch{i}", progress=False)
+        assert s["val_loss"] == row["loss"] and s["init_step"] == 0, row["run"]
+
+
+def test_rule_tokens_makes_independent_runs_share_the_branch_recipe(tiny_data):
+    """rule_tokens evaluates the Step Law rules at one D for every run: independent runs then get the lr and batch
+    the wsd branches of the same grid have."""
+    g = wsd_grid(lr=["steplaw"], batch_tokens=["steplaw"], hparams={"lr_intercept": -5.0})
+    branches = [r for r in expand_grid(g, str(tiny_data)) if r.parent]
+    ind = expand_grid({**g, "mode": "independent", "rule_tokens": 5120}, str(tiny_data))
+    own = expand_grid({**g, "mode": "independent"}, str(tiny_data))
+    for b, i in zip(branches, ind):
+        assert (b.config["train"]["lr"], b.config["train"]["batch_size"]) == (i.config["train"]["lr"], i.config["train"]["batch_size"])
+    assert own[0].config["train"]["lr"] < ind[0].config["train"]["lr"]  # lr grows with D in the rule
+    with pytest.raises(Exception, match="rule_tokens"):
+        expand_grid({**g, "rule_tokens": -1}, str(tiny_data))
 
 
 def test_wsd_resume_rebuilds_the_same_table(wsd_swept, tiny_data):

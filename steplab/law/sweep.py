@@ -8,6 +8,8 @@ A grid is a TOML file (or the same dict in Python)::
     batch_tokens = ["steplaw"]            # tokens per optimizer step: numbers or "steplaw[*x]"
     seeds  = [0]
     warmup_fraction = 0.05                # warmup steps = this fraction of each run's steps
+    rule_tokens = 2e6                     # optional: evaluate the "steplaw" lr/batch rules at this D for every
+                                          # run (a D-agnostic recipe; wsd: default the largest budget)
     eval_tokens = 131072                  # validation tokens per run (the same windows for every run)
     [hparams]                             # optional: Step Law coefficients for "steplaw" (default: published),
     lr_coef_N = 0.0                       # e.g. refitted ones from `steplab law fit --json` of an lr x batch sweep
@@ -52,7 +54,7 @@ from steplab.law.cores import auto_threads, auto_workers, usable_cores  # noqa: 
 from steplab.utils import atomic_write_json, atomic_write_text
 
 GRID_KEYS = {"sizes", "tokens", "lr", "batch_tokens", "seeds", "fixed", "warmup_fraction", "eval_tokens",
-             "ckpt_every_fraction", "hparams", "name", "mode", "decay_fraction"}
+             "ckpt_every_fraction", "hparams", "name", "mode", "decay_fraction", "rule_tokens"}
 MODES = ("wsd", "independent")
 # A WSD branch decays over this fraction of its own steps (Hägele et al. 2024 find ~20% matches cosine).
 DECAY_FRACTION = 0.2
@@ -119,6 +121,9 @@ def load_grid(grid: str | os.PathLike | dict) -> dict[str, Any]:
     if spec["mode"] not in MODES:
         raise ConfigError(f"sweep grid: mode = {spec['mode']!r} is not one of {', '.join(MODES)}")
     spec.setdefault("decay_fraction", DECAY_FRACTION)
+    rt = spec.get("rule_tokens")
+    if rt is not None and not (isinstance(rt, (int, float)) and not isinstance(rt, bool) and math.isfinite(rt) and rt > 0):
+        raise ConfigError(f"sweep grid: rule_tokens = {rt!r} must be a positive number of tokens")
     f = spec["decay_fraction"]
     if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1):
         raise ConfigError(f"sweep grid: decay_fraction = {f!r} must be in (0, 1]")
@@ -231,7 +236,7 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
         # wsd: the branches of one size share the stable phase, so its lr and batch: the rule's at the largest
         # budget (that branch is then exactly an independent WSD run of the recipe at its D)
         for D in ([budgets[-1]] if spec["mode"] == "wsd" else budgets):
-            law = suggest(N, D, seq_len, coefs)
+            law = suggest(N, float(spec.get("rule_tokens") or D), seq_len, coefs)
             for lr_v in spec["lr"]:
                 lr_f = _rule_factor(lr_v, "lr")
                 lr = law["lr"] * lr_f if lr_f else float(lr_v)
