@@ -67,6 +67,8 @@ def test_train_sample_eval_verbs(tiny_data, tmp_path, capsys):
     assert main(["eval", str(run), "--batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6 and result["val_loss"] > 0 and result["val_bpb"] > 0
+    assert main(["eval", str(run), "--task", "vqa"]) == 2  # a text run has no image tower
+    assert "is not a Step-1V run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -134,8 +134,9 @@ def _vqa(args) -> int:
 
     cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
     if cfg.model.vision.image_size == 0:
-        print(f"error: {args.run} is not a Step-1V run (model.vision.image_size is 0); --task vqa needs an image model")
-        return 2
+        from steplab.errors import ConfigError
+
+        raise ConfigError(f"{args.run} is not a Step-1V run (model.vision.image_size is 0); --task vqa needs an image model")
     res = run_vqa(model.float(), tokenizer, n=args.items, seed=args.seed)
     print(markdown(res))
     print(json.dumps({"run": args.run, "step": step, **{k: v for k, v in res.items() if k != "answers"}}, indent=2))

@@ -171,16 +171,6 @@ class Step1V(nn.Module):
             rows += idx.shape[0]
         return {"val_loss": loss_sum / max(n_tok, 1), "val_answer_acc": right / max(rows, 1)}
 
-    # The trainer's interface for per-step statistics: none here (as Step1).
-    def step_stats(self) -> list[torch.Tensor]:
-        return []
-
-    def after_optimizer_step(self) -> dict[str, float]:
-        return {}
-
-    def discard_step_stats(self) -> None:
-        pass
-
 
 def _init_vit(m: nn.Module) -> None:
     if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from steplab.errors import CheckpointError
-from steplab.train.checkpoint import checkpoint_dir, full_weights, latest_checkpoint, list_checkpoints, load_weights
+from steplab.train.checkpoint import (checkpoint_dir, full_weights, install_dir, latest_checkpoint, list_checkpoints,
+                                      load_weights)
 
 
 def save_rl_checkpoint(run_dir: Path, step: int, policy, critic, policy_opt, critic_opt, state: dict[str, Any],
@@ -36,13 +37,7 @@ def save_rl_checkpoint(run_dir: Path, step: int, policy, critic, policy_opt, cri
         fd = os.open(p, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    if final.exists():  # re-saving a step after a resume: swap only once the new one is whole
-        old = root / f".tmp-old-{final.name}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    install_dir(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final

@@ -77,6 +77,18 @@ def _quiet_dcp(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def install_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; re-saving a step (after a resume) swaps only once the
+    new one is whole, so a crash at any point leaves one complete copy."""
+    if final.exists():
+        old = final.parent / f".tmp-old-{final.name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep_last: int = 2, dist_info=None, keep_steps=frozenset()) -> Path:
     """Collective under torchrun: every rank writes its shard; rank 0 writes the rest and renames.
@@ -101,13 +113,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (after a resume): swap only once the new one is whole
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        install_dir(tmp, final)
         _fsync_dir(root)
         rolling = [p for p in list_checkpoints(run_dir) if int(p.name[5:]) not in keep_steps or p == final]
         for old in rolling[:-keep_last] if keep_last > 0 else []:
