@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steplab.config import ModelConfig
+from steplab.data.chat import stop_ids
 from steplab.errors import CheckpointError
 from steplab.utils import atomic_dir
 from steplab.models.rope import hf_rope_fields, rope_from_hf
@@ -111,7 +112,8 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
     with building(out) as tmp:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+        # generate() (and vLLM) stop at any of these: a chat reply ends at <|end|>, a document at <|eos|>
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(stop_ids(tokenizer)), "pad_token_id": tokenizer.pad_id,
                       "do_sample": False, "max_length": cfg.model.max_seq_len}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         for name in TOKENIZER_FILES:
