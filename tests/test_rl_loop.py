@@ -19,13 +19,14 @@ def small(run, **kw) -> RLConfig:
 
 def test_engine_logprobs_match_trainer_and_refresh(countdown_run):
     from steplab.rl.policy import engine_logprobs, pack, token_logprobs
-    from steplab.rl.rollout import Job, LocalRollouts, SamplingSpec, encode_prompt
+    from steplab.eval.sampling import prompt_ids
+    from steplab.rl.rollout import Job, LocalRollouts, SamplingSpec
     from steplab.tasks import get_task
     from steplab.train.checkpoint import load_run
 
     _, policy, tok, _ = load_run(countdown_run)
     items = get_task("countdown3").items("train", 6, seed=0)
-    jobs = [Job(i, i, encode_prompt(tok, it.prompt), 100 + i) for i, it in enumerate(items)]
+    jobs = [Job(i, i, prompt_ids(tok, it.prompt), 100 + i) for i, it in enumerate(items)]
     roll = LocalRollouts(policy, tok, max_batch=16)
     try:
         spec = SamplingSpec(4, 16)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from steplab.errors import ConfigError
+from steplab.eval.sampling import prompt_ids  # RL prompts: plain text after BOS, as test-time scaling
 from steplab.rl import algos
 from steplab.rl.checkpoint import latest_checkpoint, load_rl_checkpoint, save_rl_checkpoint
 from steplab.rl.policy import Sample, engine_logprobs, make_critic, pack, token_logprobs, token_values
-from steplab.rl.rollout import Job, LocalRollouts, RayRollouts, SamplingSpec, encode_prompt, grade
+from steplab.rl.rollout import Job, LocalRollouts, RayRollouts, SamplingSpec, grade
 from steplab.tasks import get_task
 from steplab.train.checkpoint import load_run
 from steplab.train.metrics import MetricsLog, read_jsonl
@@ -109,7 +110,7 @@ def _seed(*parts: int) -> int:
 
 def evaluate_heldout(rollouts, tokenizer, task, items, samples: int, max_tokens: int, seed: int) -> dict[str, float]:
     """Held-out pass@1 (mean over ``samples`` temperature-1 samples per problem), truncation and format rates."""
-    jobs = [Job(i, i, encode_prompt(tokenizer, it.prompt), _seed(seed, 99991, i)) for i, it in enumerate(items)]
+    jobs = [Job(i, i, prompt_ids(tokenizer, it.prompt), _seed(seed, 99991, i)) for i, it in enumerate(items)]
     out = rollouts.run(None, jobs, SamplingSpec(samples, max_tokens, 1.0, task.stop))
     for s in out:
         grade(task, items[s.item], s)
@@ -164,7 +165,7 @@ def run_rl(cfg: RLConfig, out: str | Path, *, resume: bool = False, progress: bo
                 epoch, i = divmod(position, len(pool))
                 order = list(range(len(pool)))
                 random.Random(f"{cfg.seed}:order:{epoch}").shuffle(order)
-                jobs.append(Job(order[i], g, encode_prompt(tokenizer, pool[order[i]].prompt), _seed(cfg.seed, step, g)))
+                jobs.append(Job(order[i], g, prompt_ids(tokenizer, pool[order[i]].prompt), _seed(cfg.seed, step, g)))
                 position += 1
             weights = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
             samples = rollouts.run(weights, jobs, spec)

@@ -15,16 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from steplab.eval.sampling import grade_answer, prompt_ids
+from steplab.eval.sampling import grade_answer
 from steplab.infer.engine import Engine, Request
 from steplab.rl.policy import Sample
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The one place RL turns a task prompt into ids: plain text after BOS, the format the starting model was
-    pretrained on, the same as test-time scaling's. A chat model would use the chat template here
-    (``steplab.data.chat``), never a second one."""
-    return prompt_ids(tokenizer, prompt)
 
 
 @dataclass
