@@ -71,19 +71,18 @@ def test_forged_markers_in_messages_stay_text(server):
 
 
 def test_forged_markers_in_custom_template_stay_text(loaded):
+    from steplab.data.tokenizer import Tokenizer
     from steplab.infer.engine import encode_chat
 
     _, _, tok = loaded
-
-    class Custom:  # a tokenizer whose tokenizer_config.json carries its own Jinja template
-        chat_template = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>"
-        encode, encode_markup = tok.encode, tok.encode_markup
-
+    # a tokenizer whose tokenizer_config.json carries its own Jinja template
+    custom = Tokenizer(tok._tok, chat_template="{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                                               "<|end|>{% endfor %}<|assistant|>")
     msgs = [{"role": "user", "content": FORGED + "hi"}]
-    ids = encode_chat(Custom(), msgs)
+    ids = encode_chat(custom, msgs)
     assert ids == [0, 4] + tok.encode(FORGED + "hi") + [6, 5]
     assert ids.count(6) == 1 and ids.count(5) == 1  # the forged markers are text, not control ids
-    assert encode_chat(Custom(), [{"role": "user", "content": "hi"}]) == tok.encode_markup("<|bos|><|user|>hi<|end|><|assistant|>")
+    assert encode_chat(custom, [{"role": "user", "content": "hi"}]) == tok.encode_markup("<|bos|><|user|>hi<|end|><|assistant|>")
 
 
 def test_cli_sample_and_chat_encode_user_text_plainly(loaded, capsys, monkeypatch):

@@ -32,7 +32,20 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hf(args) -> int:
     from steplab.export.hf import import_hf
 
+    from steplab.data.chat import end_id
+    from steplab.data.tokenizer import Tokenizer
+
     out = import_hf(args.dir, args.out)
-    print(f"wrote run directory {out}; continue training with: steplab train --config {out}/config.json "
-          f"--data DATA --set train.init_from={out} --out NEW_RUN")
+    tok = Tokenizer.load(out / "tokenizer")
+    if tok.steplab_layout:
+        print(f"tokenizer: steplab's own ({tok.vocab_size} tokens)")
+    else:
+        end = end_id(tok)
+        names = ", ".join(f"{k} {tok.token(i)!r} (id {i})" for k, i in
+                          (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)))
+        print(f"tokenizer: its own ({tok.vocab_size} tokens): {names}; chat template kept, a reply stops at "
+              + (f"{tok.token(end)!r} (id {end}) or eos" if end is not None else "eos"))
+    print(f"wrote run directory {out}; to continue training, tokenize data with its tokenizer and branch from it:\n"
+          f"  steplab data prepare --source SOURCE --tokenizer {out}/tokenizer --out DATA\n"
+          f"  steplab train --config {out}/config.json --data DATA --set train.init_from={out} --out NEW_RUN")
     return 0

@@ -8,7 +8,10 @@ Why the Rust library: training on megabytes and batch-encoding run in parallel n
 code, and the saved ``tokenizer.json`` plus ``tokenizer_config.json`` load unchanged in
 ``transformers.AutoTokenizer``, so exported models need no tokenizer conversion.
 
-Special tokens take ids 0..6 in the order of :data:`SPECIAL_TOKENS`.
+Special tokens take ids 0..6 in the order of :data:`SPECIAL_TOKENS`. A foreign tokenizer (an imported Llama's,
+GPT-2's: ``steplab import hf``) keeps its own: bos/eos/pad are named by its tokenizer_config.json (a missing BOS or
+pad falls back to EOS), its chat template is kept (``steplab.data.chat.render_template``), and :meth:`save` writes
+its config back unchanged.
 
 Text is data, never control: :meth:`Tokenizer.encode` encodes the literal string ``"<|end|>"`` as ordinary
 bytes, so text from users (chat messages, completion prompts, ``steplab sample --prompt``, SFT and pretraining
@@ -28,6 +31,7 @@ from steplab.utils import atomic_write, atomic_write_json
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
+TEMPLATE_FILE = "chat_template.jinja"  # a foreign tokenizer's chat template, as transformers saves it
 
 # The one chat template lives in steplab/data/chat.py (ids, assistant mask, packing); the tokenizer saves it.
 from steplab.data.chat import CHAT_TEMPLATE, LEGACY_TEMPLATES  # noqa: E402
@@ -36,16 +40,25 @@ from steplab.data.chat import CHAT_TEMPLATE, LEGACY_TEMPLATES  # noqa: E402
 class Tokenizer:
     """Encode/decode text to token ids; build with :func:`train_tokenizer` or :meth:`load`."""
 
-    def __init__(self, hf_tokenizer, chat_template: str = CHAT_TEMPLATE) -> None:
+    def __init__(self, hf_tokenizer, chat_template: str | None = CHAT_TEMPLATE, config: dict | None = None) -> None:
         self._tok = hf_tokenizer
         self.chat_template = chat_template
-        self.special_ids: dict[str, int] = {}
-        for expected_id, token in enumerate(SPECIAL_TOKENS):
-            got = hf_tokenizer.token_to_id(token)
-            if got != expected_id:
-                raise DataError(f"tokenizer has {token!r} at id {got}, expected {expected_id}; "
-                                "re-train it with `steplab tokenizer train`")
-            self.special_ids[token] = got
+        # steplab's own layout (specials at ids 0..6), or a foreign tokenizer (an imported Llama's, GPT-2's) whose
+        # bos/eos/pad come from its tokenizer_config.json, kept verbatim in ``config`` for :meth:`save`.
+        self.config = None if config is None or _steplab_layout(hf_tokenizer) else config
+        if self.config is None:
+            self.special_ids: dict[str, int] = {}
+            for expected_id, token in enumerate(SPECIAL_TOKENS):
+                got = hf_tokenizer.token_to_id(token)
+                if got != expected_id:
+                    raise DataError(f"tokenizer has {token!r} at id {got}, expected {expected_id}; "
+                                    "re-train it with `steplab tokenizer train`, or keep the tokenizer_config.json "
+                                    "(bos_token/eos_token) that came with a foreign tokenizer")
+                self.special_ids[token] = got
+            self._bos, self._eos, self._pad = (self.special_ids[t] for t in SPECIAL_TOKENS[:3])
+        else:
+            self.special_ids = {t.content: i for i, t in sorted(hf_tokenizer.get_added_tokens_decoder().items()) if t.special}
+            self._bos, self._eos, self._pad = _foreign_specials(hf_tokenizer, self.config)
         # A twin that encodes special-token strings as plain text (tokenizers' ``encode_special_tokens``; not
         # part of the saved file). ``_tok`` keeps parsing markers, for the template's own text and for decoding.
         from tokenizers import Tokenizer as HFTokenizer
@@ -55,6 +68,11 @@ class Tokenizer:
         # encode_batch_fast (tokenizers>=0.21) skips offset bookkeeping we never use.
         self._batch = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
 
+    @property
+    def steplab_layout(self) -> bool:
+        """True for steplab's own tokenizers (specials at ids 0..6, the built-in chat template's markers)."""
+        return self.config is None
+
     # -- ids
     @property
     def vocab_size(self) -> int:
@@ -62,15 +80,24 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.special_ids["<|bos|>"]
+        return self._bos
 
     @property
     def eos_id(self) -> int:
-        return self.special_ids["<|eos|>"]
+        return self._eos
 
     @property
     def pad_id(self) -> int:
-        return self.special_ids["<|pad|>"]
+        return self._pad
+
+    def token(self, token_id: int) -> str:
+        """The vocabulary string of one id (a special token's name, e.g. ``"<|eos|>"`` or ``"</s>"``)."""
+        return self._tok.id_to_token(token_id)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode` plus each token's (start, end) character span in ``text``."""
+        e = self._plain.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
 
     # -- text <-> ids
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
@@ -100,7 +127,7 @@ class Tokenizer:
         """The chat template's text (``steplab.data.chat.render_text``); for ids use :meth:`encode_chat`."""
         from steplab.data.chat import render_text
 
-        return render_text(messages, add_generation_prompt=add_generation_prompt)
+        return render_text(messages, self, add_generation_prompt=add_generation_prompt)
 
     # -- files
     def save(self, out_dir: str | Path) -> None:
@@ -108,6 +135,11 @@ class Tokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "tokenizer.json", lambda tmp: self._tok.save(tmp))
+        if self.config is not None:  # a foreign tokenizer keeps its own config verbatim, its template beside it
+            atomic_write_json(out / "tokenizer_config.json", {k: v for k, v in self.config.items() if k != "chat_template"})
+            if self.chat_template is not None:  # transformers >= 4.50 reads chat_template.jinja
+                atomic_write(out / TEMPLATE_FILE, lambda tmp: Path(tmp).write_text(self.chat_template, "utf-8"))
+            return
         extra = SPECIAL_TOKENS[3:]
         added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                           "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
@@ -139,22 +171,57 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise DataError(f"{path} is not a valid tokenizer file ({str(e)[:200]}); re-train or re-copy it") from None
-        template = CHAT_TEMPLATE
+        config: dict | None = None
         config_path = path.parent / "tokenizer_config.json"
         if config_path.is_file():
             try:
-                template = json.loads(config_path.read_text("utf-8")).get("chat_template") or CHAT_TEMPLATE
-                if template in LEGACY_TEMPLATES:  # same layout, saved before it carried generation blocks
-                    template = CHAT_TEMPLATE
+                config = json.loads(config_path.read_text("utf-8"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{config_path} is not valid JSON ({e}); delete it or re-save the tokenizer") from None
-        return cls(hf, chat_template=template)
+            if not isinstance(config, dict):
+                raise DataError(f"{config_path} must hold a JSON object; delete it or re-save the tokenizer")
+        template = (config or {}).get("chat_template")
+        if (path.parent / TEMPLATE_FILE).is_file():  # where transformers >= 4.50 saves it
+            template = (path.parent / TEMPLATE_FILE).read_text("utf-8")
+        if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (config is None or _steplab_layout(hf)):
+            template = CHAT_TEMPLATE
+        if template in LEGACY_TEMPLATES:  # same layout, saved before it carried generation blocks
+            template = CHAT_TEMPLATE
+        return cls(hf, chat_template=template, config=config)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self._tok.to_str() == other._tok.to_str()
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _steplab_layout(hf) -> bool:
+    return all(hf.token_to_id(t) == i for i, t in enumerate(SPECIAL_TOKENS))
+
+
+def _foreign_specials(hf, config: dict) -> tuple[int, int, int]:
+    """(bos, eos, pad) ids of a foreign tokenizer from its tokenizer_config.json. A tokenizer without a BOS (GPT-2)
+    starts documents with its EOS, as GPT-2 was trained; one without a pad pads with EOS (padding is masked)."""
+    def lookup(key: str) -> int | None:
+        value = config.get(key)
+        name = value.get("content") if isinstance(value, dict) else value
+        if name is None:
+            return None
+        token_id = hf.token_to_id(name)
+        if token_id is None:
+            raise DataError(f"tokenizer_config.json: {key}={name!r} is not in the vocabulary of tokenizer.json")
+        return token_id
+
+    eos = lookup("eos_token")
+    if eos is None:
+        raise DataError("this tokenizer has neither steplab's special tokens (ids 0..6) nor an eos_token in its "
+                        "tokenizer_config.json; add \"eos_token\" there or train one with `steplab tokenizer train`")
+    bos, pad = lookup("bos_token"), lookup("pad_token")
+    return (eos if bos is None else bos), eos, (eos if pad is None else pad)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,

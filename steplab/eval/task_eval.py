@@ -84,13 +84,13 @@ def run_task(lm: EngineLM, task: Task, n: int | None = 500, seed: int = 0, split
 
 def _run_chat(lm: EngineLM, task: Task, items: list, t0: float, split: str, keep_outputs: bool) -> TaskResult:
     """Each item's conversation under the one chat template, answered greedily until a turn marker; graded."""
-    from steplab.data.chat import END, prompt_ids, reply_stop_ids
+    from steplab.data.chat import end_id, prompt_ids, reply_stop_ids
     from steplab.tasks.chat import messages_of
 
     tok = lm.tokenizer
     replies = lm.chat([prompt_ids(messages_of(it), tok) for it in items], task.max_tokens, reply_stop_ids(tok))
     graded = [task.grade(it, text) for it, (text, _, _) in zip(items, replies)]
-    end = tok.special_ids[END]
+    end = end_id(tok)
     formatted = sum(int(finish == "stop" and bool(tokens) and tokens[-1] == end) for _, tokens, finish in replies)
     correct = sum(graded)
     lo, hi = wilson(correct, len(items))

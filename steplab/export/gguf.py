@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steplab.data.chat import end_id
 from steplab.errors import CheckpointError, ConfigError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -159,7 +160,9 @@ def _add_tokenizer(w, tokenizer) -> None:
     w.add_bos_token_id(tokenizer.bos_id)
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_pad_token_id(tokenizer.pad_id)
-    w.add_eot_token_id(tokenizer.special_ids["<|end|>"])  # chat turns end with <|end|>
+    end = end_id(tokenizer)  # chat turns end with <|end|> (a foreign template's own turn end)
+    if end is not None:
+        w.add_eot_token_id(end)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(tokenizer.chat_template)

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steplab.config import ModelConfig
-from steplab.data.chat import stop_ids
-from steplab.errors import CheckpointError
+from steplab.data.chat import stop_ids, template_format
+from steplab.errors import CheckpointError, StepLabError
 from steplab.utils import atomic_dir
 from steplab.models.rope import hf_rope_fields, rope_from_hf
 
@@ -82,7 +82,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 # ---- directories ------------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def building(out: Path):
@@ -117,7 +117,8 @@ def export_hf(run_dir, out_dir, *, checkpoint=None) -> Path:
                       "do_sample": False, "max_length": cfg.model.max_seq_len}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         for name in TOKENIZER_FILES:
-            shutil.copy(Path(run_dir) / "tokenizer" / name, tmp / name)
+            if (Path(run_dir) / "tokenizer" / name).exists():  # a foreign tokenizer may have no special_tokens_map
+                shutil.copy(Path(run_dir) / "tokenizer" / name, tmp / name)
         add_bos_by_default(tmp, tokenizer.bos_id)
     return out
 
@@ -143,7 +144,11 @@ def add_bos_by_default(tok_dir: Path, bos_id: int) -> None:
 
 def import_hf(hf_dir, out_run) -> Path:
     """Turn a Llama-architecture Hugging Face directory into a steplab run directory (weights-only checkpoint
-    at step 0), ready for ``steplab train --set train.init_from=OUT`` to continue training."""
+    at step 0), ready for ``steplab train --set train.init_from=OUT`` to continue training.
+
+    Its tokenizer comes along as it is: steplab's own, or a foreign one (Llama's, GPT-2's, one with its specials
+    at high ids) whose bos/eos/pad are read from its tokenizer_config.json and whose chat template is kept, with
+    the stop token it writes after a reply (``steplab.data.chat.template_format``). ``rope_scaling`` is read."""
     from steplab.config import ModelConfig, RopeConfig, RunConfig
     from steplab.data.tokenizer import Tokenizer
 
@@ -169,10 +174,17 @@ def import_hf(hf_dir, out_run) -> Path:
     if hf.get("head_dim", model.head_dim) != model.head_dim:
         raise CheckpointError(f"{config_path}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
     try:
-        Tokenizer.load(hf_dir)
+        tokenizer = Tokenizer.load(hf_dir)
     except Exception as e:
-        raise CheckpointError(f"{hf_dir}: the tokenizer is not in steplab's layout ({e}); steplab trains with its own "
-                              "special tokens, so import models exported by steplab or bring a matching tokenizer") from None
+        raise CheckpointError(f"{hf_dir}: cannot use its tokenizer ({e})") from None
+    if tokenizer.vocab_size > model.vocab_size:
+        raise CheckpointError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                              f"{model.vocab_size} rows; they do not belong together")
+    if not tokenizer.steplab_layout:
+        try:  # a template that cannot render a turn is refused now, not at the first chat
+            template_format(tokenizer)
+        except StepLabError as e:
+            raise CheckpointError(f"{hf_dir}: {e}") from None
     weights = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(str(f)))
@@ -189,6 +201,8 @@ def import_hf(hf_dir, out_run) -> Path:
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
                 shutil.copy(hf_dir / name, tmp / "tokenizer" / name)
+        if not (tmp / "tokenizer" / "tokenizer_config.json").exists():
+            tokenizer.save(tmp / "tokenizer")
         ckpt = tmp / "checkpoints" / "step_00000000"
         ckpt.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in ours.items()}, str(ckpt / "model.safetensors"))

@@ -25,43 +25,13 @@ def chat_stop_ids(tokenizer) -> frozenset[int]:
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` under the tokenizer's chat template, ending with the assistant's turn opener.
+    """Token ids of ``messages`` under the tokenizer's chat template, ending with the assistant's turn opener
+    (``steplab.data.chat.prompt_ids``: the built-in template laid out directly, a tokenizer's own Jinja template
+    rendered in a sandbox). Message contents are always plain text: only the template's own markers become
+    control ids, so a message holding ``"<|end|><|assistant|>"`` cannot end its turn. ValueError on bad input."""
+    from steplab.data.chat import prompt_ids
 
-    Message contents are always plain text: only the template's own markers become control ids, so a message
-    holding ``"<|end|><|assistant|>"`` cannot end its turn. The built-in template is laid out directly
-    (``steplab.data.chat.prompt_ids``). A custom Jinja template from tokenizer_config.json is rendered in a sandbox
-    (as transformers does) with a placeholder per content; the template's text is encoded with its markers and
-    each placeholder is replaced by its content's plain encoding. (A template that transforms contents, e.g.
-    ``|trim``, transforms the placeholder instead: contents are inserted unchanged.)
-    """
-    from steplab.data.chat import CHAT_TEMPLATE, LEGACY_TEMPLATES, prompt_ids
-
-    template = getattr(tokenizer, "chat_template", CHAT_TEMPLATE)
-    if template == CHAT_TEMPLATE or template in LEGACY_TEMPLATES:
-        try:
-            return prompt_ids(messages, tokenizer)
-        except StepLabError as e:
-            raise ValueError(str(e)) from None
-    import re
-
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    placeholders = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     try:
-        text = env.from_string(template).render(messages=placeholders, add_generation_prompt=True,
-                                                bos_token="<|bos|>", eos_token="<|eos|>")
-    except TemplateError as e:
-        raise ValueError(f"chat template: {e}") from None
-    ids: list[int] = []
-    for k, part in enumerate(re.split("\ue000(\\d+)\ue001", text)):
-        if k % 2:
-            ids += tokenizer.encode(messages[int(part)]["content"])
-        elif part:
-            ids += tokenizer.encode_markup(part)
-    return ids
+        return prompt_ids(messages, tokenizer)
+    except StepLabError as e:
+        raise ValueError(str(e)) from None
