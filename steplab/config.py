@@ -148,6 +148,7 @@ class ChatDataConfig:
     tokenizer: str = ""  # tokenizer directory; default: train.init_from's run tokenizer
     mix_path: str = ""  # a prepared pretraining dataset whose windows are mixed into every batch
     mix_fraction: float = 0.0  # share of each batch's rows taken from mix_path
+    tasks: str = ""  # builtin data: task weights over BUILTIN_MIX's, e.g. "spelling=3,recall=3" (0 drops a task)
 
 
 @dataclass

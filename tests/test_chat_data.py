@@ -173,3 +173,22 @@ def test_unmasked_ablation_trains_every_token_but_padding(tok, tmp_path):
     # validation stays masked (assistant-token loss), so masked and unmasked runs compare on the same numbers
     masked = ChatData(write_jsonl(tmp_path / "c2.jsonl", conversations(30)), tok, 64, 4, eval_rows=4)
     assert all(torch.equal(p[1], q[1]) for p, q in zip(data.eval_batches(), masked.eval_batches()))
+
+
+def test_builtin_task_weights_change_the_mix_and_bad_specs_name_the_fault(tok):
+    from itertools import islice
+
+    from steplab.data.conversations import BUILTIN_MIX, builtin_conversations, parse_mix
+    from steplab.errors import ConfigError
+
+    mix = parse_mix("spelling=6, identity=0")
+    assert mix["spelling"] == 6 and "identity" not in mix and mix["recall"] == BUILTIN_MIX["recall"]
+    spelled = lambda m: sum("Spell" in c[0]["content"] or "spell" in c[0]["content"] or "letters of" in c[0]["content"]
+                            for c in islice(builtin_conversations("train", 0, m), 400))
+    assert spelled(mix) > 2 * spelled(None)  # 6/13 vs 2/11 of the stream
+    for bad, says in (("speling=2", "speling=2"), ("spelling=-1", "spelling=-1"), ("spelling=x", "spelling=x"),
+                      (",".join(f"{k}=0" for k in BUILTIN_MIX), "every task weight 0")):
+        with pytest.raises(ConfigError, match=says):
+            parse_mix(bad)
+    with pytest.raises(ConfigError, match="data.chat.tasks weights the builtin"):
+        ChatData("chat.jsonl", tok, 64, 2, tasks="spelling=2")

@@ -14,7 +14,8 @@ from steplab.errors import ConfigError
 # paths; ckpt_at (comma-separated steps, parsed by the trainer); registry names, checked against their registry
 # when the run starts (model.family in models/__init__.py, data.kind in train/data.py); chat data's field/paths
 FREE_TEXT = {"data.path", "train.init_from", "train.ckpt_at", "model.family", "data.kind", "data.chat.field",
-             "data.chat.tokenizer", "data.chat.mix_path", "model.video.vae_run"}
+             "data.chat.tokenizer", "data.chat.mix_path", "model.video.vae_run",
+             "data.chat.tasks"}  # "task=weight,...", parsed (with errors naming the task) by data/conversations.py
 
 
 def test_every_field_declares_its_range():

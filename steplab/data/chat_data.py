@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from steplab.data.chat import IGNORE_INDEX, Packer, PackStats, render, targets
-from steplab.data.conversations import (SourceStats, builtin_conversations, iter_conversations,
+from steplab.data.conversations import (SourceStats, builtin_conversations, iter_conversations, parse_mix,
                                         split_conversation)
 from steplab.errors import ConfigError, DataError
 
@@ -31,7 +31,7 @@ class ChatData:
 
     def __init__(self, source: str, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0, mask: bool = True,
                  field: str = "messages", skip_bad: bool = False, eval_rows: int = 64, tokenizer_dir: Path | None = None,
-                 mix_loader=None, mix_rows: int = 0) -> None:
+                 mix_loader=None, mix_rows: int = 0, tasks: str = "") -> None:
         if not source:
             raise ConfigError("chat data needs data.path: builtin, a .jsonl/.parquet file of conversations, or hf:NAME")
         if mix_rows >= batch_size:
@@ -44,6 +44,9 @@ class ChatData:
         self.tokenizer_dir = tokenizer_dir
         self.tokens_per_batch = batch_size * seq_len
         self.mix_loader, self.mix_rows = mix_loader, mix_rows
+        if tasks and source != "builtin":
+            raise ConfigError(f"data.chat.tasks weights the builtin chat set; data.path={source} is a file of conversations")
+        self.task_mix = parse_mix(tasks) if source == "builtin" else None
         self.source_stats = SourceStats()
         self._file_train: list | None = None
         self._file_val: list | None = None
@@ -64,7 +67,7 @@ class ChatData:
 
     def _conversations(self, split: str) -> Iterator[list[dict[str, str]]]:
         if self.source == "builtin":
-            return builtin_conversations("train" if split == "train" else "test", self.seed)
+            return builtin_conversations("train" if split == "train" else "test", self.seed, self.task_mix)
         if split != "train":
             return iter(self._file_val)
 
@@ -178,7 +181,8 @@ def build_chat_data(cfg) -> ChatData:
         mix_loader = TokenLoader(shards, cfg.data.seq_len, mix_rows, seed=cfg.train.seed)
     return ChatData(cfg.data.path, tokenizer, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.train.seed,
                     mask=c.mask, field=c.field, skip_bad=c.skip_bad, tokenizer_dir=tok_dir,
-                    eval_rows=cfg.train.eval_batches * cfg.train.batch_size, mix_loader=mix_loader, mix_rows=mix_rows)
+                    eval_rows=cfg.train.eval_batches * cfg.train.batch_size, mix_loader=mix_loader, mix_rows=mix_rows,
+                    tasks=c.tasks)
 
 
 def _register() -> None:

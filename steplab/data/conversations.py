@@ -23,7 +23,7 @@ from typing import Iterator
 
 from steplab.data.chat import check_messages
 from steplab.data.sources import split_of
-from steplab.errors import DataError
+from steplab.errors import ConfigError, DataError
 
 # Task -> weight in the built-in chat set (the tasks' train splits; their test splits are the eval sets).
 BUILTIN_MIX: dict[str, float] = {"arithmetic": 2.0, "add2": 2.0, "spelling": 2.0, "letter_count": 2.0,
@@ -120,6 +120,26 @@ def split_conversation(msgs: list[dict[str, str]], fraction: float = VAL_FRACTIO
 
 
 # ---- the built-in chat set ---------------------------------------------------------------------------------
+
+def parse_mix(spec: str) -> dict[str, float]:
+    """``"spelling=3,recall=3"`` -> BUILTIN_MIX with those weights replaced (0 drops a task); ConfigError naming
+    the fault (``data.chat.tasks``)."""
+    mix = dict(BUILTIN_MIX)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, weight = part.partition("=")
+        name = name.strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if name not in BUILTIN_MIX or not (0 <= value < float("inf")):
+            raise ConfigError(f"data.chat.tasks: {part!r} must be TASK=WEIGHT with a weight >= 0 and TASK one of "
+                              f"{', '.join(sorted(BUILTIN_MIX))}")
+        mix[name] = value
+    if not any(mix.values()):
+        raise ConfigError(f"data.chat.tasks={spec!r} gives every task weight 0; keep at least one")
+    return {k: v for k, v in mix.items() if v > 0}
+
 
 def builtin_conversations(split: str = "train", seed: int = 0,
                           mix: dict[str, float] | None = None) -> Iterator[list[dict[str, str]]]:
