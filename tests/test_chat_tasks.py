@@ -74,7 +74,7 @@ def test_worked_steps_are_right():
 def test_letter_count_and_spelling_replies():
     from steplab.tasks.spelling import count_steps
 
-    assert count_steps("bakata", "a") == "b-a-k-a-t-a\nb 0, a 1, k 1, a 2, t 2, a 3\nAnswer: 3"
+    assert count_steps("bakata", "a") == "b-a-k-a-t-a\nb!=a 0\na=a 1\nk!=a 1\na=a 2\nt!=a 2\na=a 3\nAnswer: 3"
     t = get_task("spelling")
     it = t.items("test", 1)[0]
     assert t.grade(it, "Answer: " + " ".join(it.key)) and not t.grade(it, "Answer: " + it.key[::-1] + "x")

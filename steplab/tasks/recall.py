@@ -3,7 +3,12 @@
     user: Remember this: Tavo's color is green and Mira's color is blue.
     assistant: Noted: Tavo's color is green and Mira's color is blue.
     user: What is Mira's color?
-    assistant: Answer: blue
+    assistant: Mira's color is blue.
+               Answer: blue
+
+The reply first restates the asked fact as it was stated ("Mira's color is"), so the value is the token that
+followed those same tokens in turn 1: a copy an induction head makes, where "Answer:" alone gave the model
+nothing to match (51% held-out after 3,000 SFT steps at 2.3M parameters, docs/LOG.md).
 
 Names are pseudo-words, both on the item's side of the split (the key is the asked name, hashed as the
 spelling tasks hash words), so a held-out name appears in no training conversation.
@@ -46,4 +51,5 @@ class Recall(ChatTask):
             name, value = (first, v1) if rng.random() < 0.5 else (second, v2)
             question = rng.choice(QUESTIONS).format(n=name, a=attr)
             msgs = (("user", f"Remember this: {facts}."), ("assistant", f"Noted: {facts}."), ("user", question))
-            yield Item(prompt=question, answer=value, key=first.lower(), messages=msgs, reply=f"Answer: {value}")
+            yield Item(prompt=question, answer=value, key=first.lower(), messages=msgs,
+                       reply=f"{name}'s {attr} is {value}.\nAnswer: {value}")

@@ -1,11 +1,18 @@
 """Spelling and letter counting of made-up words (chat tasks).
 
-Spelling: "Spell the word 'bakito'." -> ``Answer: b-a-k-i-t-o``. Letter counting works letter by letter with a
-running count, then answers::
+Spelling: "Spell the word 'bakito'." -> ``Answer: b-a-k-i-t-o``. Letter counting spells the word, then checks
+it letter by letter against the asked letter with a running count, then answers::
 
     b-a-k-a-t-a
-    b 0, a 1, k 1, a 2, t 2, a 3
+    b!=a 0
+    a=a 1
+    k!=a 1
+    ...
     Answer: 3
+
+Each step writes the letter beside the asked one, so deciding ``=`` or ``!=`` needs only the two tokens before it
+(a tiny model cannot look the asked letter up in the prompt at every step: with the earlier ``b 0, a 1, ...``
+steps a 2.3M-parameter chat model spelled the words right and still never counted, docs/LOG.md).
 
 Words are pseudo-words (``steplab.tasks.chat.pseudo_word``); the split key is the word, so a held-out word is
 spelled or counted in no training conversation (recall's names split by the same hash).
@@ -51,15 +58,15 @@ def count_steps(word: str, letter: str) -> str:
     n, steps = 0, []
     for c in word:
         n += c == letter
-        steps.append(f"{c} {n}")
-    return f"{spelled(word)}\n{', '.join(steps)}\nAnswer: {n}"
+        steps.append(f"{c}{'=' if c == letter else '!='}{letter} {n}")
+    return "\n".join([spelled(word), *steps, f"Answer: {n}"])
 
 
 class LetterCount(ChatTask):
     name = "letter_count"
     description = "count a letter in a made-up word, letter by letter (chat; held-out words)"
     chance = 0.55  # always answering "1" (the most common count: 56% of 1,000 test items)
-    max_tokens = 64
+    max_tokens = 112  # the longest worked reply is ~90 tokens with a 4k code BPE
 
     def candidates(self, seed: int) -> Iterator[Item]:
         rng = random.Random(seed)
