@@ -1,14 +1,16 @@
 """Two-turn recall (chat): facts stated in turn 1, one of them asked for in turn 2.
 
     user: Remember this: Tavo's color is green and Mira's color is blue.
-    assistant: Noted: Tavo's color is green and Mira's color is blue.
+    assistant: Noted: Tavo=green, Mira=blue.
     user: What is Mira's color?
-    assistant: Mira's color is blue.
+    assistant: Mira=blue
                Answer: blue
 
-The reply first restates the asked fact as it was stated ("Mira's color is"), so the value is the token that
-followed those same tokens in turn 1: a copy an induction head makes, where "Answer:" alone gave the model
-nothing to match (51% held-out after 3,000 SFT steps at 2.3M parameters, docs/LOG.md).
+The assistant's note in turn 1 writes each value right after its name, and the reply looks the asked name up
+in it ("Mira=" then the token that followed "Mira=" before): a copy one induction head makes. With the facts
+only as stated ("Mira's color is blue"), the tokens before each value ("'s color is") are the same for both
+names, and a 2.3M-parameter chat model answered with either value (51% held-out after 3,000 SFT steps; 42%
+when its reply restated "Mira's color is": docs/LOG.md).
 
 Names are pseudo-words, both on the item's side of the split (the key is the asked name, hashed as the
 spelling tasks hash words), so a held-out name appears in no training conversation.
@@ -35,7 +37,7 @@ class Recall(ChatTask):
     name = "recall"
     description = "two-turn recall: a fact stated in turn 1, asked in turn 2 (chat; held-out names)"
     chance = 0.08  # a uniform guess among the asked attribute's values (1/10 for four attributes, 1/90 for numbers)
-    max_tokens = 16
+    max_tokens = 32  # the reply looks the name up first: "Gumhul=mango\nAnswer: mango"
 
     def candidates(self, seed: int) -> Iterator[Item]:
         rng = random.Random(seed)
@@ -50,6 +52,7 @@ class Recall(ChatTask):
             facts = f"{first}'s {attr} is {v1} and {second}'s {attr} is {v2}"
             name, value = (first, v1) if rng.random() < 0.5 else (second, v2)
             question = rng.choice(QUESTIONS).format(n=name, a=attr)
-            msgs = (("user", f"Remember this: {facts}."), ("assistant", f"Noted: {facts}."), ("user", question))
+            note = f"Noted: {first}={v1}, {second}={v2}."
+            msgs = (("user", f"Remember this: {facts}."), ("assistant", note), ("user", question))
             yield Item(prompt=question, answer=value, key=first.lower(), messages=msgs,
-                       reply=f"{name}'s {attr} is {value}.\nAnswer: {value}")
+                       reply=f"{name}={value}\nAnswer: {value}")
