@@ -12,7 +12,7 @@ from steplab.tasks import get_task
 from steplab.tasks.arithmetic import reward, worked_steps
 from steplab.tasks.chat import answer_int, final_answer
 
-CHAT_TASKS = ["arithmetic", "add2", "spelling", "letter_count", "recall", "identity"]
+CHAT_TASKS = ["arithmetic", "add2", "spelling", "letter_count", "recall", "identity", "repeat"]
 
 
 @pytest.mark.parametrize("name", CHAT_TASKS)
@@ -32,16 +32,18 @@ def test_reference_replies_grade_correct_and_splits_are_disjoint(name):
 def test_held_out_keys_appear_in_no_training_conversation():
     """Held-out words and names (spelling, letter counting, recall share one hash) and held-out sums are absent
     from every training conversation of the built-in chat set."""
-    from steplab.data.conversations import builtin_conversations
+    from steplab.data.conversations import builtin_conversations, parse_mix
 
     held = set()
     for name in ("spelling", "letter_count"):
         held |= {it.key for it in get_task(name).items("test", 200)}
     held |= {it.key for it in get_task("recall").items("test", 200)}
+    held |= {w for it in get_task("repeat").items("test", 200) for w in it.answer.split()}
     sums = {(int(a), int(b)) for a, b in (it.key.split("+") for it in get_task("add2").items("test"))}
     words = set()
     seen_sums = set()
-    for conv in itertools.islice(builtin_conversations("train", seed=0), 3000):
+    mix = parse_mix("repeat=2")  # off by default; weighted in here so its words are checked too
+    for conv in itertools.islice(builtin_conversations("train", seed=0, mix=mix), 3000):
         text = " ".join(m["content"] for m in conv)
         words |= {w.strip("'.?,").lower() for w in text.replace("'s ", " ").split()}
         for a, b in re.findall(r"(\d+) \+ (\d+)", text):

@@ -27,7 +27,7 @@ from steplab.errors import ConfigError, DataError
 
 # Task -> weight in the built-in chat set (the tasks' train splits; their test splits are the eval sets).
 BUILTIN_MIX: dict[str, float] = {"arithmetic": 2.0, "add2": 2.0, "spelling": 2.0, "letter_count": 2.0,
-                                 "recall": 2.0, "identity": 0.5, "corpus_qa": 0.5}
+                                 "recall": 2.0, "identity": 0.5, "corpus_qa": 0.5, "repeat": 0.0}
 VAL_FRACTION = 0.05  # file sources: conversations held out for validation (by a hash of the conversation)
 
 
@@ -147,7 +147,7 @@ def builtin_conversations(split: str = "train", seed: int = 0,
     from steplab.tasks import get_task
 
     mix = mix or BUILTIN_MIX
-    names = sorted(mix)
+    names = sorted(n for n in mix if mix[n] > 0)
     tasks = [get_task(n) for n in names]
     streams = [_task_stream(t, split, seed) for t in tasks]
     weights = [mix[n] for n in names]

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "spelling": "steplab.tasks.spelling:Spelling",
     "letter_count": "steplab.tasks.spelling:LetterCount",
     "recall": "steplab.tasks.recall:Recall",
+    "repeat": "steplab.tasks.repeat:Repeat",
     "identity": "steplab.tasks.identity:Identity",
     "corpus_qa": "steplab.tasks.corpus_qa:CorpusQA",
     "countdown": "steplab.tasks.countdown:Countdown",
