@@ -1,7 +1,7 @@
 """Quickstart-sized training steps, old vs new, side by side in one process (issue 13).
 
     python bench/tiny_step.py [--sizes 33k 221k 0.9m] [--threads 1] [--rounds 5] [--steps 4]
-    python bench/tiny_step.py --data DATA_DIR --train-steps 300 [--sizes 33k]   # + fixed-seed runs, old vs new
+    python bench/tiny_step.py --data DATA_DIR --train-steps 400 [--train-sizes 33k 0.9m]  # + fixed-seed runs
 
 Contenders per size (the quickstart's family: 2 layers, 2 heads, vocab 1024, batch 9 x 256 tokens, bf16 autocast,
 fused AdamW, gradient clipping, ``loss.item()`` every step: the trainer's step):
@@ -45,6 +45,7 @@ from steplab.config import ModelConfig, RunConfig  # noqa: E402
 from steplab.models.dense import Step1, count_params  # noqa: E402
 
 SIZES = {"33k": 32, "221k": 96, "0.9m": 192}  # label -> d_model (2 layers, 2 heads: the quickstart's family)
+LR = {"33k": 6.3e-3, "221k": 4.62e-3, "0.9m": 3.68e-3}  # the quickstart's lr rule at D = 2M (its sweep and plan)
 NEW_MAX_HEAD_DIM = common.FP32_ATTENTION_MAX_HEAD_DIM
 
 
@@ -126,7 +127,7 @@ def train_pair(label: str, args) -> dict:
         raw = {"model": {"d_model": SIZES[label], "n_layer": 2, "n_head": 2, "max_seq_len": 256, "vocab_size": 0},
                "data": {"path": args.data, "seq_len": 256},
                "train": {"batch_size": 9, "max_steps": args.train_steps, "warmup_steps": max(1, args.train_steps // 20),
-                         "schedule": "wsd", "min_lr_ratio": 0.0, "lr": 5e-3, "eval_every": args.train_steps,
+                         "schedule": "wsd", "min_lr_ratio": 0.0, "lr": LR[label], "eval_every": args.train_steps,
                          "eval_batches": 16, "ckpt_every": args.train_steps, "threads": args.threads, "device": "cpu",
                          "dtype": "bf16", "compile": compile_, "seed": 0}}
         with tempfile.TemporaryDirectory() as tmp, attention_limit(limit):
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per timed round")
     ap.add_argument("--data", help="a prepared dataset (steplab data prepare), for --train-steps")
     ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--train-sizes", nargs="+", choices=list(SIZES), help="sizes for --train-steps (default: --sizes)")
     ap.add_argument("--fp32-attention-max-head-dim", type=int, default=NEW_MAX_HEAD_DIM, help="the new path's limit")
     ap.add_argument("--first-compiled-step", type=int, default=0, help=argparse.SUPPRESS)  # internal: d_model
     args = ap.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
             ap.error("--train-steps needs --data")
         print(f"\n| size | steps | old val loss | new val loss | new / old - 1 | old tok/s | new tok/s (incl. compile) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for label in args.sizes:
+        for label in args.train_sizes or args.sizes:
             r = train_pair(label, args)
             o, n = r["old"], r["new"]
             print(f"| {label} | {args.train_steps} | {o['val_loss']:.4f} | {n['val_loss']:.4f} | "

@@ -69,8 +69,9 @@ class KVCache:
 
 # Under bf16 autocast on CPU, attention with head_dim up to this runs in fp32: torch's CPU flash-attention kernel is
 # 2-2.7x faster in fp32 than in bf16 at the quickstart's head dims 12-48 (forward + backward, B 9 x 2 heads x 256
-# tokens; bench/tiny_step.py --attention) and slower only from ~96 on. fp32 is also the more exact of the two.
-# 0 turns it off (every attention then follows autocast, as before 2026-11-30).
+# tokens; docs/performance.md) and no faster from ~96 on (a whole step: bench/tiny_step.py). fp32 is also the more
+# exact of the two. SDPA is on CPU autocast's bf16 list, so autocast must be switched off around it, not just fed
+# fp32. 0 turns this off (every attention then follows autocast, as before 2026-11-30).
 FP32_ATTENTION_MAX_HEAD_DIM = 64
 
 
