@@ -68,11 +68,11 @@ class KVCache:
 
 
 # Under bf16 autocast on CPU, attention with head_dim up to this runs in fp32: torch's CPU flash-attention kernel is
-# 2-2.7x faster in fp32 than in bf16 at the quickstart's head dims 12-48 (forward + backward, B 9 x 2 heads x 256
-# tokens; docs/performance.md) and no faster from ~96 on (a whole step: bench/tiny_step.py). fp32 is also the more
+# 1.1-2.7x faster in fp32 than in bf16 at head dims 12-48 (forward + backward; docs/performance.md), even at 64 and
+# slower at step1-mini's 4 x 8 heads x 512 x 64 (0.85x); whole steps: bench/tiny_step.py. fp32 is also the more
 # exact of the two. SDPA is on CPU autocast's bf16 list, so autocast must be switched off around it, not just fed
-# fp32. 0 turns this off (every attention then follows autocast, as before 2026-11-30).
-FP32_ATTENTION_MAX_HEAD_DIM = 64
+# fp32 inputs. 0 turns this off (every attention then follows autocast, as before 2026-11-30).
+FP32_ATTENTION_MAX_HEAD_DIM = 48
 
 
 def upcast_attention(q: torch.Tensor) -> bool:
