@@ -77,6 +77,7 @@ def test_compile_auto_decides_by_run_length_and_a_resume_keeps_the_choice(tmp_pa
     assert resolve_compile(cfg(10, "true"), "cpu")[0] is True
     assert resolve_compile(cfg(10 * COMPILE_MIN_STEPS, "false"), "cpu")[0] is False
     assert resolve_compile(cfg(10 * COMPILE_MIN_STEPS, moe={"n_experts": 4}), "cpu")[0] is False  # not measured: eager
+    assert resolve_compile(cfg(10 * COMPILE_MIN_STEPS, doc_mask_token=1), "cpu")[0] is False  # a graph per batch
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps({"train": {"compile": True}}))  # an old config.json: compile was a bool
     assert resolve_compile(cfg(3), "cpu", saved) == (True, "auto: as this run chose when it started (train.compile=true)")

@@ -43,8 +43,10 @@ def resolve_compile(cfg: RunConfig, device_type: str, saved_config: Path | None 
         if saved in ("true", "false"):
             return saved == "true", f"auto: as this run chose when it started (train.compile={saved})"
     m = cfg.model
-    if m.family not in ("", "step1", "step2") or m.moe.n_experts > 0:
-        return False, "auto: only the dense Step-1 family's compile is measured; set train.compile=true to try"
+    if m.family not in ("", "step1", "step2") or m.moe.n_experts > 0 or cfg.data.kind != "tokens":
+        return False, "auto: only dense Step-1 on token shards is measured; set train.compile=true to try"
+    if m.doc_mask_token >= 0:  # per-batch document spans: a new graph for every batch's layout
+        return False, "auto: document masking (model.doc_mask_token) changes the graph every batch"
     if device_type == "cpu" and c_compiler() is None:
         return False, "auto: no C++ compiler on PATH for torch.compile's CPU backend"
     steps = cfg.train.max_steps
