@@ -174,7 +174,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    compile: bool = False
+    compile: str = "auto"  # auto | true | false; auto: torch.compile when the run repays it (train/compile.py)
     eval_every: int = 50
     eval_batches: int = 8
     ckpt_every: int = 50
@@ -330,7 +330,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.moe.score": ("softmax", "sigmoid"), "model.rope.scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
     "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"), "train.device": ("auto", "cpu", "cuda"),
-    "train.parallel": ("auto", "none", "ddp", "fsdp"), "model.video.source": ("digits", "mnist"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp"), "train.compile": ("auto", "true", "false"), "model.video.source": ("digits", "mnist"),
 }
 
 
@@ -445,6 +445,8 @@ def _deep_update(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
 
 def _coerce(path: str, value: Any, typ: type) -> Any:
     """Type a value from a file or ``--set`` string against the field's default type."""
+    if isinstance(value, bool) and typ is str:  # train.compile was a bool before 2026-11-30: old config.json
+        value = "true" if value else "false"
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         if typ is bool:

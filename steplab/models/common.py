@@ -67,6 +67,20 @@ class KVCache:
             self.lengths[slots] = 0
 
 
+# Under bf16 autocast on CPU, attention with head_dim up to this runs in fp32: torch's CPU flash-attention kernel is
+# 1.1-2.7x faster in fp32 than in bf16 at head dims 12-48 (forward + backward; docs/performance.md), even at 64 and
+# slower at step1-mini's 4 x 8 heads x 512 x 64 (0.85x); whole steps: bench/tiny_step.py. fp32 is also the more
+# exact of the two. SDPA is on CPU autocast's bf16 list, so autocast must be switched off around it, not just fed
+# fp32 inputs. 0 turns this off (every attention then follows autocast, as before 2026-11-30).
+FP32_ATTENTION_MAX_HEAD_DIM = 48
+
+
+def upcast_attention(q: torch.Tensor) -> bool:
+    """True where attention should leave CPU bf16 autocast for fp32 (see ``FP32_ATTENTION_MAX_HEAD_DIM``)."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+            and q.shape[-1] <= FP32_ATTENTION_MAX_HEAD_DIM)
+
+
 class Attention(nn.Module):
     """Grouped-query attention through scaled_dot_product_attention (n_kv_head == n_head is plain MHA)."""
 
@@ -82,6 +96,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is None and upcast_attention(q):  # training/eval under CPU autocast at small head dims: fp32
+            with torch.autocast("cpu", enabled=False):
+                q, k, v = q.float(), k.float(), v.float()
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                y = self._sdpa(q, k, v, mask=None) if segments is None else self._sdpa_segments(q, k, v, segments)
+            return self.wo(y.to(torch.bfloat16).transpose(1, 2).reshape(B, T, -1))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the matmul dtype (bf16 under autocast): half the bytes
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:

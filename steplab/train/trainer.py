@@ -23,6 +23,7 @@ from steplab.eval.evaluate import autocast_context
 from steplab.models import build_model, count_params, flops_per_token
 from steplab.train.distributed import (barrier, grad_sync, init_distributed, mean_across_ranks, sync_step_stats,
                                        uses_autocast, wrap_model)
+from steplab.train.compile import resolve_compile
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.data import build_train_data, evaluate_run
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
@@ -167,6 +168,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     device = info.device if info.enabled else resolve_device(tc.device)
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; use a multiple")
+    # auto -> true/false, written into config.json; every rank resolves alike (config and run dir only)
+    compiled, why = resolve_compile(cfg, device_type, run_dir / "config.json" if resume else None)
+    cfg.train.compile = "true" if compiled else "false"
+    if progress and info.is_main:
+        print(f"{run_dir.name}: torch.compile {'on' if compiled else 'off'} ({why})")
     changes = {}
     if info.is_main:
         changes = prepare_run_dir(cfg, run_dir, data.tokenizer_dir, resume, allow_config_change)
@@ -205,7 +211,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                      tensorboard_dir=run_dir / "tb" if tc.tensorboard else None) if info.is_main else None
     if log and changes:  # --allow-config-change: the change is part of the run's record
         log.log({"step": start_step, "config_change": changes})
-    step_fn = torch.compile(train_module) if tc.compile else train_module
+    step_fn = torch.compile(train_module) if compiled else train_module
     autocast = uses_autocast(info, tc.dtype)
 
     params, flops = count_params(cfg.model), flops_per_token(cfg.model, cfg.data.seq_len)
@@ -317,6 +323,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train
         **last_eval,
         "train_seconds": train_seconds, "tok_per_s": tok_s, "mfu": flops["model"] * tok_s / peak,
         "peak_flops": peak, "skipped_steps": skipped, "threads": torch.get_num_threads(),
+        "compiled": cfg.train.compile == "true",
         "init_from": cfg.train.init_from, "init_step": init_step, "trained_tokens": trained,
         "C_trained": flops["6N"] * trained,  # FLOPs this run spent itself (a branch: its decay only)
     }
