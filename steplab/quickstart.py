@@ -216,7 +216,7 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     phases["report"] = time.time() - t
     if budget >= SUITE_MIN_BUDGET:
         t = time.time()
-        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
+        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress, workers)
         phases["downstream"] = time.time() - t
     else:
         print(f"      downstream suite: skipped below --budget {SUITE_MIN_BUDGET:g} (run `steplab eval {sweep_dir} "
@@ -281,16 +281,20 @@ def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, m
                f"N {p.N:.3g}, D {p.D:.3g}: predicted {float(fit.predict(p.N, p.D)):.4f} [{lo[0]:.4f}, {hi[0]:.4f}]")
 
 
-def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool) -> None:
+def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool,
+                workers: int | None = None) -> None:
     """The downstream suite (steplab.eval, issue 14): scores of the sweep and the planned run, each task's
-    prediction from the sweep next to the measurement, appended to the report."""
+    prediction from the sweep next to the measurement, appended to the report. On CPU the runs are scored in
+    parallel, one process per usable core (as the sweep trains them)."""
     from steplab.eval.taskfit import suite_over_sweep, sweep_law_runs
+    from steplab.law.sweep import auto_workers
     from steplab.utils import atomic_write_text
 
-    print("      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all)")
     runs = sweep_law_runs(sweep_dir)
+    workers = 1 if device != "cpu" else (workers or auto_workers(len(runs) + 1))
+    print(f"      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all), {workers} process(es)")
     with _quiet_numpy():
-        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress)
+        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress, workers=workers)
     print(md)
     report = Path(report)
     if report.suffix == ".md" and report.is_file():

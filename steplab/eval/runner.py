@@ -13,9 +13,11 @@ from steplab.infer.engine import Engine, Request
 
 
 class EngineLM:
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, name: str = "eval"):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, name: str = "eval", prefill_chunk: int = 4096):
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=1 << 30).start()
+        # a large prefill budget: the engine scores up to max_batch whole prompts in one padded forward per turn
+        self.engine = Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=1 << 30,
+                             prefill_chunk=prefill_chunk).start()
         self.context_len = self.engine.context_len
 
     @classmethod
@@ -42,23 +44,23 @@ class EngineLM:
 
     def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """For each (context ids, continuation ids): the continuation's summed logprob and whether it is the
-        greedy continuation. The context is cut from the left when the pair exceeds the model's context."""
-        handles = []
-        for ctx, cont in pairs:
-            if not ctx or not cont:
-                raise ValueError("loglikelihood needs a non-empty context and continuation")
-            ids = (ctx + cont)[-self.context_len:]
-            handles.append((len(cont), self.engine.submit(Request(prompt=ids, max_tokens=0, prompt_logprobs=1,
-                                                                   temperature=0.0))))
-        out = []
-        for n_cont, handle in handles:
+        greedy continuation. The context is cut from the left when the pair exceeds the model's context.
+        Submitted longest first, so the engine's padded scoring batches hold sequences of similar length."""
+        if any(not ctx or not cont for ctx, cont in pairs):
+            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        seqs = [(ctx + cont)[-self.context_len:] for ctx, cont in pairs]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        handles = {i: self.engine.submit(Request(prompt=seqs[i], max_tokens=0, prompt_logprobs=1, temperature=0.0))
+                   for i in order}
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+        for i in order:
             scored = None
-            for ev in handle:
+            for ev in handles[i]:
                 if ev.error:
                     raise RuntimeError(ev.error)
                 if ev.prompt_logprobs is not None:
-                    scored = ev.prompt_logprobs[-n_cont:]
-            out.append((sum(lp.logprob for lp in scored), all(lp.top[0][0] == lp.token for lp in scored)))
+                    scored = ev.prompt_logprobs[-len(pairs[i][1]):]
+            out[i] = (sum(lp.logprob for lp in scored), all(lp.top[0][0] == lp.token for lp in scored))
         return out
 
     def generate(self, prompts: list[list[int]], max_tokens: int, stop: tuple[str, ...] = ()) -> list[str]:

@@ -53,6 +53,7 @@ import torch
 from steplab.errors import StepLabError
 from steplab.infer.sampling import SamplingParams, sample_next
 from steplab.models.common import KVCache
+from steplab.models.rope import is_dynamic
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +426,7 @@ class Engine:
             self._prefilling.append(_Prefill(handle, seqs))
 
     def _step(self) -> None:
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk - self._score_batch(self.prefill_chunk)
         while self._prefilling and budget > 0:
             pre = self._prefilling[0]
             prompt, first = pre.handle.request.prompt, pre.seqs[0]
@@ -471,6 +472,49 @@ class Engine:
             for row, seq in enumerate(batch):
                 self._accept(seq, logits[row])
         self.steps_total += 1
+
+    def _score_batch(self, budget: int) -> int:
+        """Score-only requests (``max_tokens`` 0 with ``prompt_logprobs``, text only) at the head of the prefill queue,
+        as many whole prompts as fit in ``budget`` padded tokens, in ONE forward of the right-padded batch without
+        the KV cache (they generate nothing, so they need no cache). Under causal attention a row's padding never
+        reaches its real positions, so each row's logprobs are its own prefill's up to float rounding, and the
+        hundreds of short scoring requests of a task eval cost a few calls instead of one each. Returns the padded
+        tokens used; fewer than two such requests take the ordinary prefill path."""
+        group, width = [], 0
+        for pre in self._prefilling:
+            req = pre.handle.request
+            w = max(width, len(req.prompt))
+            if (req.max_tokens != 0 or req.prompt_logprobs is None or req.images is not None or pre.pos
+                    or w * (len(group) + 1) > budget or not self._pads_safely(w)):
+                break
+            group.append(pre)
+            width = w
+        if len(group) < 2:
+            return 0
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, pre in enumerate(group):
+            ids[row, :len(pre.handle.request.prompt)] = torch.tensor(pre.handle.request.prompt, device=self.device)
+        logits = self.model(ids)
+        for row, pre in enumerate(group):
+            req = pre.handle.request
+            pre.prompt_logprobs += _score(logits[row, :len(req.prompt) - 1], req.prompt[1:], req.prompt_logprobs)
+            with self._cond:  # one move: the sequences leave prefilling and free their slots together
+                self._prefilling.popleft()
+                self.prompt_tokens_total += len(req.prompt)
+                for seq in pre.seqs:
+                    self._finish(seq, "length", running=False, deliver=False)
+            for seq in pre.seqs:
+                seq.handle._deliver(Event(seq.index, [], "", finish_reason="length", prompt_logprobs=pre.prompt_logprobs))
+        return width * len(group)
+
+    def _pads_safely(self, width: int) -> bool:
+        """Whether a cache-free forward padded to ``width`` gives each row its own prefill's logits: not with document
+        masking (the cache-free forward would mask inside the prompt) nor with a dynamic RoPE past its original
+        length (its frequencies would follow the padded width instead of the row's length)."""
+        cfg, rope = self.model.cfg, getattr(self.model, "rope", None)
+        if getattr(cfg, "doc_mask_token", -1) >= 0:
+            return False
+        return not (is_dynamic(rope) and width > rope.original_max_seq_len)
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
