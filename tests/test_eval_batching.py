@@ -63,6 +63,44 @@ def test_engine_scores_many_prompts_per_forward_and_each_equals_its_full_forward
     assert gen_tokens == generate(model, [prompts[0]], SamplingParams(max_new_tokens=4, temperature=0.0))[0]
 
 
+def test_continuations_share_their_prompt_and_equal_full_forwards(loaded):
+    """Choices of several items as requests with continuations, next to whole-prompt and generation requests in
+    one queue: every continuation's logprobs equal a full forward of prompt + continuation, and each prompt is
+    computed once (the forwards cover far fewer positions than the pairs)."""
+    model, tok = loaded
+    items = [("def area(r):\n    return", [" 3.14 * r * r\n", " r\n", " None\n"]),
+             ("import os\nimport", [" sys\n", " re\n"]),
+             ("class Point:\n    def __init__(self, x, y):\n        self.x =", [" x\n", " y\n", " 0\n", " self\n"])]
+    reqs = [([tok.bos_id] + tok.encode(p), [tok.encode(c) for c in cs]) for p, cs in items]
+    gate = threading.Event()
+    positions = []
+    hook = model.register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
+    with Engine(model, tok, max_batch=8, max_queue=64, prefill_chunk=4096) as engine:
+        engine.before_step = gate.wait
+        whole = engine.submit(Request(reqs[1][0] + reqs[1][1][0], max_tokens=0, prompt_logprobs=1))
+        handles = [engine.submit(Request(p, max_tokens=0, prompt_logprobs=1, n=len(cs), continuations=tuple(map(tuple, cs))))
+                   for p, cs in reqs]
+        gen = engine.submit(Request(reqs[0][0], max_tokens=3, temperature=0.0))
+        with pytest.raises(ValueError, match="continuations"):
+            engine.submit(Request(reqs[0][0], max_tokens=2, n=1, continuations=((5,),)))
+        with pytest.raises(ValueError, match="must equal the number of continuations"):
+            engine.submit(Request(reqs[0][0], max_tokens=0, prompt_logprobs=1, n=2, continuations=((5,),)))
+        gate.set()
+        results = [{ev.index: ev.prompt_logprobs for ev in h} for h in handles]
+        whole_lps = [ev.prompt_logprobs for ev in whole][-1]
+        assert len([t for ev in gen for t in ev.tokens]) == 3
+    hook.remove()
+    for (prompt, conts), got in zip(reqs, results):
+        for i, cont in enumerate(conts):
+            ref = _reference_logprobs(model, prompt + cont)[len(prompt) - 1:]
+            assert [e.token for e in got[i]] == cont
+            assert [e.logprob for e in got[i]] == pytest.approx(ref, abs=1e-4)
+    assert [e.logprob for e in whole_lps[1:]] == pytest.approx(_reference_logprobs(model, reqs[1][0] + reqs[1][1][0]), abs=1e-4)
+    pairs_positions = sum(len(p) + len(c) for p, cs in reqs for c in cs)
+    scored = sum(positions) - 3 * len(reqs[0][0])  # less the generation's prefill and decode steps, at most
+    assert scored < pairs_positions, (scored, pairs_positions)
+
+
 def test_suite_builds_each_tasks_items_once_for_many_runs(loaded, monkeypatch):
     from steplab.eval import suite as suite_mod
     from steplab.eval.runner import EngineLM

@@ -190,7 +190,7 @@ def suite_over_sweep(sweep_runs: list[Path], target_run: Path | None, out_dir: s
     Saved results are reused (a grown suite scores only its new tasks), so a rerun does not score a run twice.
     ``workers`` > 1 scores that many runs at once in spawned processes of one torch thread each (the target run
     first: it is the longest), which on CPU beats one process with that many threads on these small models."""
-    from steplab.eval.suite import suite_markdown
+    from steplab.eval.suite import load_suite, suite_markdown
 
     by_size = sorted(sweep_runs, key=lambda d: -json.loads((Path(d) / "summary.json").read_text()).get("N", 0))
     todo = ([(Path(target_run), 1.0)] if target_run else []) + [(Path(d), sweep_scale) for d in by_size]

@@ -95,6 +95,9 @@ class Request:
     prompt_logprobs: int | None = None
     # Step-1V: (n_images, 3, H, W) pixels for the prompt's image slots, in order (models/vision.py); None: text only
     images: torch.Tensor | None = None
+    # scoring choices (max_tokens 0, prompt_logprobs set, n = len(continuations)): choice i scores continuation i
+    # after the prompt, the prompt computed once; its prompt_logprobs hold the continuation's tokens only
+    continuations: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -325,6 +328,18 @@ class Engine:
                 f"this model's maximum context length is {self.context_len} tokens, but {n_prompt + request.max_tokens} "
                 f"were requested ({n_prompt} in the prompt + {request.max_tokens} for the completion); "
                 f"shorten the prompt or lower max_tokens")
+        if request.continuations:
+            if request.max_tokens != 0 or request.prompt_logprobs is None or request.images is not None:
+                raise ValueError("continuations are scored only: need max_tokens 0, prompt_logprobs and no images")
+            if request.n != len(request.continuations) or not all(request.continuations):
+                raise ValueError(f"n={request.n} must equal the number of continuations ({len(request.continuations)}), "
+                                 "each with at least one token")
+            longest = n_prompt + max(len(c) for c in request.continuations)
+            if longest > self.context_len:
+                raise ContextLengthError(f"this model's maximum context length is {self.context_len} tokens, but the prompt "
+                                         f"and its longest continuation have {longest}; shorten them")
+            if any(not 0 <= t < self.vocab_size for c in request.continuations for t in c):
+                raise ValueError(f"continuation token ids must lie in [0, {self.vocab_size})")
         if request.images is not None and not hasattr(self.model, "embed"):
             raise ValueError(f"model {self.name!r} does not read images; send text only")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
@@ -426,9 +441,13 @@ class Engine:
             self._prefilling.append(_Prefill(handle, seqs))
 
     def _step(self) -> None:
-        budget = self.prefill_chunk - self._score_batch(self.prefill_chunk)
+        from steplab.infer.scoring import score_step
+
+        budget = self.prefill_chunk - score_step(self, self.prefill_chunk)  # score-only requests, batched
         while self._prefilling and budget > 0:
             pre = self._prefilling[0]
+            if pre.handle.request.continuations:
+                break  # scored by score_step only, next turn
             prompt, first = pre.handle.request.prompt, pre.seqs[0]
             chunk = prompt[pre.pos:pre.pos + budget]
             ids = torch.tensor([chunk], device=self.device)
@@ -473,44 +492,10 @@ class Engine:
                 self._accept(seq, logits[row])
         self.steps_total += 1
 
-    def _score_batch(self, budget: int) -> int:
-        """Score-only requests (``max_tokens`` 0 with ``prompt_logprobs``, text only) at the head of the prefill queue,
-        as many whole prompts as fit in ``budget`` padded tokens, in ONE forward of the right-padded batch without
-        the KV cache (they generate nothing, so they need no cache). Under causal attention a row's padding never
-        reaches its real positions, so each row's logprobs are its own prefill's up to float rounding, and the
-        hundreds of short scoring requests of a task eval cost a few calls instead of one each. Returns the padded
-        tokens used; fewer than two such requests take the ordinary prefill path."""
-        group, width = [], 0
-        for pre in self._prefilling:
-            req = pre.handle.request
-            w = max(width, len(req.prompt))
-            if (req.max_tokens != 0 or req.prompt_logprobs is None or req.images is not None or pre.pos
-                    or w * (len(group) + 1) > budget or not self._pads_safely(w)):
-                break
-            group.append(pre)
-            width = w
-        if len(group) < 2:
-            return 0
-        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-        for row, pre in enumerate(group):
-            ids[row, :len(pre.handle.request.prompt)] = torch.tensor(pre.handle.request.prompt, device=self.device)
-        logits = self.model(ids)
-        for row, pre in enumerate(group):
-            req = pre.handle.request
-            pre.prompt_logprobs += _score(logits[row, :len(req.prompt) - 1], req.prompt[1:], req.prompt_logprobs)
-            with self._cond:  # one move: the sequences leave prefilling and free their slots together
-                self._prefilling.popleft()
-                self.prompt_tokens_total += len(req.prompt)
-                for seq in pre.seqs:
-                    self._finish(seq, "length", running=False, deliver=False)
-            for seq in pre.seqs:
-                seq.handle._deliver(Event(seq.index, [], "", finish_reason="length", prompt_logprobs=pre.prompt_logprobs))
-        return width * len(group)
-
-    def _pads_safely(self, width: int) -> bool:
-        """Whether a cache-free forward padded to ``width`` gives each row its own prefill's logits: not with document
-        masking (the cache-free forward would mask inside the prompt) nor with a dynamic RoPE past its original
-        length (its frequencies would follow the padded width instead of the row's length)."""
+    def pads_safely(self, width: int) -> bool:
+        """Whether a padded batch of prompts up to ``width`` tokens gives each row its own prefill's logits
+        (steplab.infer.scoring): not with document masking (a cache-free forward masks inside the prompt) nor
+        with a dynamic RoPE past its original length (its frequencies would follow the padded width)."""
         cfg, rope = self.model.cfg, getattr(self.model, "rope", None)
         if getattr(cfg, "doc_mask_token", -1) >= 0:
             return False
