@@ -56,3 +56,18 @@ def test_run_interval_adds_a_runs_scatter_and_covers_new_runs():
         draws = law(n, d) * np.exp(sigma * rng.standard_normal(200))
         n_in += int(((draws >= a[0]) & (draws <= b[0])).sum())
     assert 0.85 < n_in / (200 * len(N)) <= 1.0 and lo[0] < p < hi[0]
+
+
+def test_running_fit_is_a_quick_one(monkeypatch, capsys):
+    """The running fit after each sweep point runs in the main process while the workers use every core: a few
+    starts and 50 bootstrap draws, not the final fit's 64 starts and 300 draws."""
+    import steplab.law.fit as fit_mod
+
+    seen = []
+    real = fit_mod.fit_parametric
+    monkeypatch.setattr(fit_mod, "fit_parametric", lambda *a, **k: seen.append(k) or real(*a, **k))
+    rows = [{"N": n, "D": d, "loss": 1.8 + 60 / n ** 0.45 + 400 / d ** 0.35}
+            for n in (1.4e4, 3.3e4, 5.5e4, 1.1e5, 2.2e5) for d in (5e5, 1e6, 2e6)]
+    q._running_fit(rows, 1024, 1.1e13, 2e6, moe=False)
+    assert seen and seen[0]["n_starts"] <= 8 and seen[0]["n_bootstrap"] <= 50
+    assert "fit on 15 points" in capsys.readouterr().out
