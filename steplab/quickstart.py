@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -66,6 +67,7 @@ LR_RULE = (3.4e-3, 1.06e5, -0.163, 5e5, 0.307)  # lr0, N0, a, D0, b: lr = lr0 (N
 LR_RULE_TEXT = "lr 3.4e-3 (N/1.06e5)^-0.163 (D/5e5)^0.307"
 HPARAMS = {"lr_intercept": math.log(LR_RULE[0]) - LR_RULE[2] * math.log(LR_RULE[1]) - LR_RULE[4] * math.log(LR_RULE[3]),
            "lr_coef_N": LR_RULE[2], "lr_coef_D": LR_RULE[4]}
+WARMUP_FRACTION = 0.05  # of the largest budget's steps, for every run (sweep_grid)
 BIG_FACTOR = 4.0  # the planned run's compute, in units of the largest sweep run's
 # The planned run's D: the compute-optimal D of the fit when it fits in the corpus (one pass) and the fit
 # pins it down (95% interval within a factor of 2); otherwise the D the data allows (steplab.law.data_limits).
@@ -94,11 +96,17 @@ def sweep_grid(budget: float, device: str, moe: bool = False, seed: int = 0, mod
                unique_tokens: float | None = None) -> dict:
     """The sweep over ``TOKENS`` x the unique train tokens the run may use (default ``CORPUS_TOKENS`` x budget)."""
     unique = unique_tokens or CORPUS_TOKENS * budget
+    tokens = [max(SEQ_LEN * 8, int(f * unique)) for f in TOKENS]
     return {
         "sizes": moe_sizes() if moe else SIZES,
-        "tokens": [max(SEQ_LEN * 8, int(f * unique)) for f in TOKENS],
+        "tokens": tokens,
         "lr": ["steplaw"], "batch_tokens": ["steplaw"], "hparams": HPARAMS, "seeds": [seed], "mode": mode,
-        "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": 0.05,
+        "eval_tokens": max(16_384, int(EVAL_TOKENS * min(budget, 1.0))), "warmup_fraction": WARMUP_FRACTION,
+        # one warm-up for every sweep run and the planned run (which plan_big_run builds from this grid): 5% of
+        # the largest budget, the planned run's own 5% at one pass. With 5% of the smallest budget's steps (11)
+        # the sweep's larger sizes warmed up 4x shorter than the planned run (46), which it beat the law by
+        # +4.9% (seed 1); the same sweep with 46 steps: +2.6% (docs/benchmarks.md, issue 12 fourth session)
+        "warmup_tokens": WARMUP_FRACTION * max(tokens),
         # min_lr_ratio 0: anneal to ~0, as Step Law's runs do (to 1e-5)
         "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
                   "train": {"device": device, "min_lr_ratio": 0.0}},
@@ -121,6 +129,7 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     from steplab.utils import atomic_write_json
 
     t0 = time.time()
+    load_start = _load()
     phases: dict[str, float] = {}
     out_dir = Path(out or ("runs/quickstart-moe" if moe else "runs/quickstart"))
     data_dir, run_dir, sweep_dir = out_dir / "data", out_dir / "run", out_dir / "sweep"
@@ -189,7 +198,9 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
         print(f"[4/5] plan: C = {target_C:.3g} FLOPs -> N = {big['N']:,}, D = {big['D']:,} "
               f"({big['D'] / big['N']:.1f} tokens/param, {big['D'] / unique:.0%} of the unique tokens), "
               f"lr {big['lr']:.3g}, batch {big['batch_tokens']:,} tokens"
-              + (f"; predicted val loss {predicted:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if predicted is not None else ""))
+              + (f"; predicted val loss {predicted:.4f}, 95% interval for one run [{ci[0]:.4f}, {ci[1]:.4f}] (the law's "
+               f"mean: [{choice['law_ci'][0]:.4f}, {choice['law_ci'][1]:.4f}]; a run's scatter around it "
+               f"{choice['run_sigma']:.2%})" if predicted is not None else ""))
         if plan_note:
             print(f"      why: {plan_note}")
         m = big["config"]["model"]
@@ -214,9 +225,10 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     print("[5/5] samples (temperature 0.8, top-k 50):")
     print_samples(run_dir, resolve_device(device))
     phases["report"] = time.time() - t
+    to_report = time.time() - t0
     if budget >= SUITE_MIN_BUDGET:
         t = time.time()
-        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress)
+        _downstream(sweep_dir, run_dir, out_dir, report, resolve_device(device), progress, workers)
         phases["downstream"] = time.time() - t
     else:
         print(f"      downstream suite: skipped below --budget {SUITE_MIN_BUDGET:g} (run `steplab eval {sweep_dir} "
@@ -226,7 +238,7 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     inside = predicted is not None and ci[0] <= measured <= ci[1]
     print("\n== result ==")
     if predicted is not None:
-        print(f"predicted validation loss {predicted:.4f} (95% CI [{ci[0]:.4f}, {ci[1]:.4f}], "
+        print(f"predicted validation loss {predicted:.4f} (95% interval for one run [{ci[0]:.4f}, {ci[1]:.4f}], "
               f"{(ci[0] / predicted - 1):+.2%} / {(ci[1] / predicted - 1):+.2%}), measured {measured:.4f}: "
               f"error {err:+.2%} ({'inside' if inside else 'OUTSIDE'} the interval)")
     else:
@@ -238,19 +250,31 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
         print(f"N = {summary['N']:,} non-embedding parameters, D = {summary['D']:,} tokens, C = 6ND = {summary['C_6ND']:.3g} FLOPs")
     print(f"validation loss {measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte")
     print(f"throughput {summary['tok_per_s']:,.0f} tokens/s on {summary['threads']} thread(s), MFU {summary['mfu']:.1%}")
-    print(f"wall time {wall:.1f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
+    print(f"wall time {wall:.1f} s, {to_report:.1f} s to the report (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+          + f"; load average {load_start} at the start)")
     print(f"run directory {run_dir}: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
     print(f"report {report}")
     result = {"predicted_loss": predicted, "predicted_ci": list(ci) if ci else None, "measured_loss": measured,
               "rel_err": err, "inside_interval": inside, "N": summary["N"], "N_active": summary["N_active"],
               "D": summary["D"], "C": summary["C_6ND"], "target_C": target_C, "unique_tokens": unique,
               "N_span": Ns[-1] / Ns[0], "sweep_N": Ns, "plan": choice, "seed": seed, "budget": budget,
-              "wall_seconds": wall, "phase_seconds": phases, "threads": summary["threads"],
+              "wall_seconds": wall, "wall_to_report_seconds": to_report, "phase_seconds": phases,
+              "load_average": {"start": load_start, "end": _load()}, "threads": summary["threads"],
+              "law_ci": choice.get("law_ci"), "run_sigma": choice.get("run_sigma"),
+              "interval_rel": None if ci is None else [ci[0] / predicted - 1, ci[1] / predicted - 1],
               "fit": None if fit is None else {k: fit.to_dict()[k] for k in ("E", "A", "B", "alpha", "beta",
                                                                             "alpha_ci", "beta_ci")}}
     atomic_write_json(out_dir / "prediction.json", result)
     print(f"prediction {out_dir / 'prediction.json'}")
     return {**summary, **result, "report": str(report)}
+
+
+def _load() -> float | None:
+    """The 1-minute load average (a wall time means little without it on a shared machine)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _tokens_per_step(config: dict) -> int:
@@ -259,7 +283,7 @@ def _tokens_per_step(config: dict) -> int:
 
 
 def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, moe: bool) -> None:
-    """After each sweep point: the fit so far (a quick one: 50 bootstrap draws) and its prediction for the
+    """After each sweep point: the fit so far (a quick one: 8 starts, 50 bootstrap draws) and its prediction for the
     planned run, so the prediction visibly tightens as the sweep goes."""
     from steplab.law.data_limits import data_plan
     from steplab.law.tables import RunsTable
@@ -271,26 +295,32 @@ def _running_fit(rows: list[dict], vocab: int, target_C: float, unique: float, m
         tqdm.write(f"    fit: {len(rows)} points, waiting for 3 sizes x 3 budgets")
         return
     table = RunsTable({**cols, "C": 6 * cols["N"] * cols["D"]}, source="sweep so far")
-    fit, why = fit_sweep(table, vocab=vocab, n_bootstrap=50)
+    # 8 starts, not the final fit's 64: this runs in the main process while the workers train on every core, and
+    # 64 starts took ~5 s per point on a quiet machine (16 s at load 5) for the same optimum on these tables
+    fit, why = fit_sweep(table, vocab=vocab, n_bootstrap=50, n_starts=8)
     if fit is None:
         tqdm.write(f"    fit: {len(rows)} points, not yet usable ({why})")
         return
     p = data_plan(fit, target_C, unique, mode="one-epoch")
-    lo, hi = fit.predict_interval(np.array([p.N]), np.array([p.D]))
+    lo, hi = fit.predict_run_interval(np.array([p.N]), np.array([p.D]))
     tqdm.write(f"    fit on {len(rows)} points: alpha {fit.alpha:.3f}, beta {fit.beta:.3f}, E {fit.E:.3f}; planned run "
                f"N {p.N:.3g}, D {p.D:.3g}: predicted {float(fit.predict(p.N, p.D)):.4f} [{lo[0]:.4f}, {hi[0]:.4f}]")
 
 
-def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool) -> None:
+def _downstream(sweep_dir: Path, run_dir: Path, out_dir: Path, report, device: str, progress: bool,
+                workers: int | None = None) -> None:
     """The downstream suite (steplab.eval, issue 14): scores of the sweep and the planned run, each task's
-    prediction from the sweep next to the measurement, appended to the report."""
+    prediction from the sweep next to the measurement, appended to the report. On CPU the runs are scored in
+    parallel, one process per usable core (as the sweep trains them)."""
     from steplab.eval.taskfit import suite_over_sweep, sweep_law_runs
+    from steplab.law.sweep import auto_workers
     from steplab.utils import atomic_write_text
 
-    print("      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all)")
     runs = sweep_law_runs(sweep_dir)
+    workers = 1 if device != "cpu" else (workers or auto_workers(len(runs) + 1))
+    print(f"      downstream suite: the sweep's runs (a fifth of the items) and the planned run (all), {workers} process(es)")
     with _quiet_numpy():
-        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress)
+        md = suite_over_sweep(runs, run_dir, out_dir, device=device, progress=progress, workers=workers)
     print(md)
     report = Path(report)
     if report.suffix == ".md" and report.is_file():
@@ -314,7 +344,7 @@ def _N(run) -> int:
     return count_params(RunConfig.from_dict(run.config).model)["N_active"]  # = N for dense
 
 
-def fit_sweep(table, vocab: int, n_bootstrap: int = 300, seed: int = 0):
+def fit_sweep(table, vocab: int, n_bootstrap: int = 300, seed: int = 0, n_starts: int = 64):
     """(fit, None) or (None, why). Runs that did not learn (loss near ln V) or diverged are left out first."""
     from steplab.law.fit import FitWarning, fit_parametric
 
@@ -325,7 +355,8 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300, seed: int = 0):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FitWarning)
-            fit = fit_parametric(table["N"][stable], table["D"][stable], loss[stable], n_bootstrap=n_bootstrap, seed=seed)
+            fit = fit_parametric(table["N"][stable], table["D"][stable], loss[stable], n_bootstrap=n_bootstrap, seed=seed,
+                                 n_starts=n_starts)
     except FitError as e:
         return None, str(e)
     if not (0.02 < fit.alpha < 3 and 0.02 < fit.beta < 3):
@@ -336,7 +367,7 @@ def fit_sweep(table, vocab: int, n_bootstrap: int = 300, seed: int = 0):
 def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_dir: Path, unique_tokens: float,
                  moe: bool = False):
     """Plan the run at ``target_C`` within the data and resolve its config with the sweep's own recipe (lr and
-    batch rules, warmup fraction, WSD schedule, eval tokens), so the law's points and the planned run differ
+    batch rules, warm-up tokens, WSD schedule, eval tokens), so the law's points and the planned run differ
     only in N and D. D is the fit's compute-optimal D when it fits in one pass over the unique tokens and the
     fit pins it down (95% bootstrap interval of D_opt within a factor of ``D_OPT_MAX_RATIO``); otherwise the
     D the data allows, and N = C / 6D. No hand-set cap: the note says which case and why."""
@@ -377,9 +408,9 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
            "mode": "independent"}
     one["fixed"] = {**grid["fixed"], "train": {**grid["fixed"]["train"], "schedule": "wsd",
                                                "decay_fraction": DECAY_FRACTION}}
-    # warm-up: 5% of the planned run's own steps, not the sweep's warm-up tokens (5% of the smallest budget's
-    # steps): with that 4x shorter warm-up the 885k-parameter run stalled near loss 5.5 for ~60 steps and ended
-    # 7% above the 221k sweep model (seed 0: 2.9655 vs 2.7728; docs/LOG.md)
+    # warm-up: the grid's warmup_tokens, as every sweep run's (5% of the largest budget = 5% of the planned run's
+    # own steps at one pass). Never the smallest budget's 5%: with that 4x shorter warm-up the 885k-parameter run
+    # stalled near loss 5.5 for ~60 steps and ended 7% above the 221k sweep model (seed 0; docs/LOG.md)
     run = expand_grid(one, str(data_dir))[0]
     cfg = RunConfig.from_dict(run.config)
     N_cfg = count_params(cfg.model)["N_active"]  # = N for dense; the law's N for MoE
@@ -387,8 +418,14 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     predicted = ci = None
     if fit is not None:
         predicted = float(fit.predict(N_cfg, D_cfg))
-        lo_, hi_ = fit.predict_interval(np.array([N_cfg]), np.array([D_cfg]))
+        # the interval of ONE run (the planned run is one run): the law's bootstrap and a run's own scatter
+        # around the law, as the sweep's runs show it (ParametricFit.predict_run_interval); the law's mean alone
+        # (predict_interval) was +-3-4% wide and missed seed 1's run (+4.9%, outside)
+        lo_, hi_ = fit.predict_run_interval(np.array([N_cfg]), np.array([D_cfg]))
         ci = (float(lo_[0]), float(hi_[0]))
+        law_lo, law_hi = fit.predict_interval(np.array([N_cfg]), np.array([D_cfg]))
+        choice["law_ci"] = [float(law_lo[0]), float(law_hi[0])]
+        choice["run_sigma"] = fit.run_sigma()
     big = {"config": run.config, "N": N_cfg, "D": D_cfg, "lr": cfg.train.lr, "batch_tokens": cfg.tokens_per_step,
            "plan": p}
     return big, predicted, ci, note, choice
@@ -466,8 +503,9 @@ def write_report(out_dir: Path, table, fit, why, summary, predicted, ci, plan_no
     measured = summary["val_loss"]
     if predicted is not None:
         err = predicted / measured - 1
-        rep.paragraph(f"Predicted validation loss of the planned run: **{predicted:.4f}** (95% bootstrap interval "
-                      f"[{ci[0]:.4f}, {ci[1]:.4f}]); measured **{measured:.4f}**; relative error **{err:+.2%}**.")
+        rep.paragraph(f"Predicted validation loss of the planned run: **{predicted:.4f}** (95% interval for one run "
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]: the law's bootstrap draws and a run's own scatter around the law, "
+                      f"as the sweep's runs show it); measured **{measured:.4f}**; relative error **{err:+.2%}**.")
     else:
         rep.paragraph(f"No prediction: {why}. Measured validation loss {measured:.4f}.")
     rep.table(["", "planned run"], [

@@ -195,6 +195,7 @@ def test_sweep_run_ids_are_deterministic(tiny_data):
     ({"tokens": [10]}, "at least one sequence"),
     ({"sizes": [{"d_model": 30, "n_head": 4}]}, "does not divide"),
     ({"hparams": {"lr_slope": 1.0}}, "unknown \\[hparams\\] key"),
+    ({"warmup_tokens": -5}, "warmup_tokens = -5 must be a positive number of tokens"),
 ])
 def test_sweep_grid_errors(tiny_data, patch, message):
     with pytest.raises(ConfigError, match=message):

@@ -161,7 +161,7 @@ def test_suite_table_and_saved_result(lm, tmp_path, monkeypatch):
     monkeypatch.setitem(suite_mod.SUITES, "tiny", [("next_line", 20), ("complete_line", 20), ("line_order", 20)])
     scored = []
     real = suite_mod.run_task
-    monkeypatch.setattr(suite_mod, "run_task", lambda lm_, task, *a: scored.append(task.name) or real(lm_, task, *a))
+    monkeypatch.setattr(suite_mod, "run_task", lambda lm_, task, *a, **k: scored.append(task.name) or real(lm_, task, *a, **k))
     grown = suite_mod.run_suite(lm, "tiny", previous=res)
     assert scored == ["line_order"] and grown["results"][:2] == res["results"]
 

@@ -13,9 +13,11 @@ from steplab.infer.engine import Engine, Request
 
 
 class EngineLM:
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, name: str = "eval"):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, name: str = "eval", prefill_chunk: int = 4096):
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=1 << 30).start()
+        # a large prefill budget: the engine scores up to max_batch whole prompts in one padded forward per turn
+        self.engine = Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=1 << 30,
+                             prefill_chunk=prefill_chunk).start()
         self.context_len = self.engine.context_len
 
     @classmethod
@@ -42,23 +44,38 @@ class EngineLM:
 
     def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """For each (context ids, continuation ids): the continuation's summed logprob and whether it is the
-        greedy continuation. The context is cut from the left when the pair exceeds the model's context."""
-        handles = []
-        for ctx, cont in pairs:
-            if not ctx or not cont:
-                raise ValueError("loglikelihood needs a non-empty context and continuation")
-            ids = (ctx + cont)[-self.context_len:]
-            handles.append((len(cont), self.engine.submit(Request(prompt=ids, max_tokens=0, prompt_logprobs=1,
-                                                                   temperature=0.0))))
-        out = []
-        for n_cont, handle in handles:
-            scored = None
+        greedy continuation. The context is cut from the left when the pair exceeds the model's context.
+        Pairs that share a context (the choices of one item) go as one request with ``continuations``, so the
+        engine computes the context once (steplab.infer.scoring); the rest go whole, longest first, so the
+        engine's padded batches hold sequences of similar length."""
+        if any(not ctx or not cont for ctx, cont in pairs):
+            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        shared: dict[tuple[int, ...], list[int]] = {}
+        whole: list[int] = []
+        for i, (ctx, cont) in enumerate(pairs):
+            fits = len(ctx) + len(cont) <= self.context_len and self.engine.pads_safely(self.context_len)
+            (shared.setdefault(tuple(ctx), []) if fits else whole).append(i)
+        jobs: list[tuple[list[int], object]] = []  # (pair indices, handle) in the order they were submitted
+        for ctx in sorted(shared, key=len, reverse=True):
+            idx = shared[ctx]
+            for k in range(0, len(idx), self.engine.max_batch):
+                part = idx[k:k + self.engine.max_batch]
+                req = Request(prompt=list(ctx), max_tokens=0, prompt_logprobs=1, temperature=0.0, n=len(part),
+                              continuations=tuple(tuple(pairs[i][1]) for i in part))
+                jobs.append((part, self.engine.submit(req)))
+        for i in sorted(whole, key=lambda i: -len(pairs[i][0]) - len(pairs[i][1])):
+            ids = (pairs[i][0] + pairs[i][1])[-self.context_len:]
+            jobs.append(([i], self.engine.submit(Request(prompt=ids, max_tokens=0, prompt_logprobs=1, temperature=0.0))))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        for part, handle in jobs:
+            scored: dict[int, list] = {}
             for ev in handle:
                 if ev.error:
                     raise RuntimeError(ev.error)
                 if ev.prompt_logprobs is not None:
-                    scored = ev.prompt_logprobs[-n_cont:]
-            out.append((sum(lp.logprob for lp in scored), all(lp.top[0][0] == lp.token for lp in scored)))
+                    scored[ev.index] = ev.prompt_logprobs[-len(pairs[part[ev.index]][1]):]
+            for j, i in enumerate(part):
+                out[i] = (sum(lp.logprob for lp in scored[j]), all(lp.top[0][0] == lp.token for lp in scored[j]))
         return out
 
     def generate(self, prompts: list[list[int]], max_tokens: int, stop: tuple[str, ...] = ()) -> list[str]:

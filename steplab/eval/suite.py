@@ -8,6 +8,7 @@ the result says which of those were found and which were skipped.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -22,6 +23,13 @@ SUITES: dict[str, list[tuple[str, int | None]]] = {
               ("wikitext2_next", 500), ("tinystories_next", 500), ("gsm8k", 100)],
 }
 SHARED_TASKS = {"wikitext2_next": "WikiText-2", "tinystories_next": "TinyStories", "gsm8k": "GSM8K"}
+
+
+@functools.lru_cache(maxsize=64)
+def task_items(task_name: str, n: int | None, seed: int) -> tuple:
+    """A task's held-out items, built once per process: a suite over a sweep scores the same items on every run,
+    and building them (parsing the standard library's sources) cost more than scoring them on the small runs."""
+    return tuple(get_task(task_name).items("test", n, seed))
 
 
 def suite_tasks(name: str) -> list[tuple[str, int | None]]:
@@ -47,8 +55,8 @@ def run_suite(lm: EngineLM, name: str = "small", *, scale: float = 1.0, seed: in
             continue
         count = None if n is None else max(20, int(n * scale))
         if n is None and scale < 1:
-            count = max(20, int(len(task.items("test", None, seed)) * scale))
-        res = run_task(lm, task, count, seed)
+            count = max(20, int(len(task_items(task_name, None, seed)) * scale))
+        res = run_task(lm, task, count, seed, items=list(task_items(task_name, count, seed)))
         results.append({**res.to_dict(), "description": task.description})
         if progress:
             progress(res)

@@ -54,9 +54,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def run_task(lm: EngineLM, task: Task, n: int | None = 500, seed: int = 0, split: str = "test",
-             keep_outputs: bool = False) -> TaskResult:
+             keep_outputs: bool = False, items: list | None = None) -> TaskResult:
+    """``items``: ``task.items(split, n, seed)`` computed by the caller (a suite over many runs builds them once)."""
     t0 = time.time()
-    items = task.items(split, n, seed)  # a finite pool smaller than n: all of it
+    if items is None:
+        items = task.items(split, n, seed)  # a finite pool smaller than n: all of it
     tok = lm.tokenizer
     if task.kind == "choice":
         pairs, sizes = [], []

@@ -162,24 +162,52 @@ def sweep_law_runs(sweep_dir: str | Path) -> list[Path]:
                   if (d / "summary.json").is_file() and not runs.get(d.name, {}).get("stable"))
 
 
+def score_run(run_dir: str | Path, suite: str, scale: float, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
+              threads: int = 0) -> bool:
+    """Score ``suite`` on one run and save it (``RUN/eval/suite_NAME.json``) unless a saved result already covers
+    every task; True when it scored. A process-pool worker (``threads``: its torch threads, 0 = leave as is)."""
+    from steplab.eval.runner import EngineLM
+    from steplab.eval.suite import load_suite, run_suite, save_suite, suite_tasks
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    old = load_suite(run_dir, suite)
+    done = {r["task"] for r in old["results"]} | {s["task"] for s in old["skipped"]} if old else set()
+    if old is not None and all(t in done for t, _ in suite_tasks(suite)):
+        return False
+    with EngineLM.from_run(run_dir, device=device, dtype=dtype) as lm:
+        save_suite(run_dir, run_suite(lm, suite, scale=scale, seed=seed, previous=old))
+    return True
+
+
 def suite_over_sweep(sweep_runs: list[Path], target_run: Path | None, out_dir: str | Path, *, suite: str = "small",
                      sweep_scale: float = 0.2, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
-                     progress: bool = True) -> str:
+                     progress: bool = True, workers: int = 1) -> str:
     """Score the suite on every sweep run (``sweep_scale`` of the items: a quick look) and on the target run (all
     items), fit each task vs compute, predict the target, and return the Markdown (suite table + prediction).
-    Saved results are reused (a grown suite scores only its new tasks), so a rerun does not score a run twice."""
-    from steplab.eval.runner import EngineLM
-    from steplab.eval.suite import load_suite, run_suite, save_suite, suite_markdown, suite_tasks
+    Saved results are reused (a grown suite scores only its new tasks), so a rerun does not score a run twice.
+    ``workers`` > 1 scores that many runs at once in spawned processes of one torch thread each (the target run
+    first: it is the longest), which on CPU beats one process with that many threads on these small models."""
+    from steplab.eval.suite import load_suite, suite_markdown
 
-    todo = [(Path(d), sweep_scale) for d in sweep_runs] + ([(Path(target_run), 1.0)] if target_run else [])
-    for d, scale in todo:
-        old = load_suite(d, suite)
-        done = {r["task"] for r in old["results"]} | {s["task"] for s in old["skipped"]} if old else set()
-        if old is None or any(t not in done for t, _ in suite_tasks(suite)):
-            with EngineLM.from_run(d, device=device, dtype=dtype) as lm:
-                save_suite(d, run_suite(lm, suite, scale=scale, seed=seed, previous=old))
-            if progress:
+    by_size = sorted(sweep_runs, key=lambda d: -json.loads((Path(d) / "summary.json").read_text()).get("N", 0))
+    todo = ([(Path(target_run), 1.0)] if target_run else []) + [(Path(d), sweep_scale) for d in by_size]
+    if workers <= 1 or len(todo) < 2:
+        for d, scale in todo:
+            if score_run(d, suite, scale, device, dtype, seed) and progress:
                 print(f"      suite {suite}: scored {d.name}")
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(score_run, d, suite, scale, device, dtype, seed, 1): d for d, scale in todo}
+            for fut in cf.as_completed(futures):
+                if fut.result() and progress:
+                    print(f"      suite {suite}: scored {futures[fut].name}")
     points = sweep_points([Path(d) for d in sweep_runs], suite)
     target_C, measured, head = None, None, ""
     if target_run:

@@ -7,7 +7,8 @@ A grid is a TOML file (or the same dict in Python)::
     lr     = ["steplaw"]                  # numbers, "steplaw" or "steplaw*0.5" (Step Law per (N, D))
     batch_tokens = ["steplaw"]            # tokens per optimizer step: numbers or "steplaw[*x]"
     seeds  = [0]
-    warmup_fraction = 0.05                # warmup steps = this fraction of each run's steps
+    warmup_fraction = 0.05                # warmup steps = this fraction of each run's steps (wsd: of the smallest budget's)
+    warmup_tokens = 1e5                   # optional, instead: the same warm-up, in tokens, for every run
     rule_tokens = 2e6                     # optional: evaluate the "steplaw" lr/batch rules at this D for every
                                           # run (a D-agnostic recipe; wsd: default the largest budget)
     eval_tokens = 131072                  # validation tokens per run (the same windows for every run)
@@ -54,7 +55,7 @@ from steplab.law.cores import auto_threads, auto_workers, usable_cores  # noqa: 
 from steplab.utils import atomic_write_json, atomic_write_text
 
 GRID_KEYS = {"sizes", "tokens", "lr", "batch_tokens", "seeds", "fixed", "warmup_fraction", "eval_tokens",
-             "ckpt_every_fraction", "hparams", "name", "mode", "decay_fraction", "rule_tokens"}
+             "ckpt_every_fraction", "hparams", "name", "mode", "decay_fraction", "rule_tokens", "warmup_tokens"}
 MODES = ("wsd", "independent")
 # A WSD branch decays over this fraction of its own steps (Hägele et al. 2024 find ~20% matches cosine).
 DECAY_FRACTION = 0.2
@@ -124,6 +125,9 @@ def load_grid(grid: str | os.PathLike | dict) -> dict[str, Any]:
     rt = spec.get("rule_tokens")
     if rt is not None and not (isinstance(rt, (int, float)) and not isinstance(rt, bool) and math.isfinite(rt) and rt > 0):
         raise ConfigError(f"sweep grid: rule_tokens = {rt!r} must be a positive number of tokens")
+    wt = spec.get("warmup_tokens")
+    if wt is not None and not (isinstance(wt, (int, float)) and not isinstance(wt, bool) and math.isfinite(wt) and wt > 0):
+        raise ConfigError(f"sweep grid: warmup_tokens = {wt!r} must be a positive number of tokens")
     f = spec["decay_fraction"]
     if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1):
         raise ConfigError(f"sweep grid: decay_fraction = {f!r} must be in (0, 1]")
@@ -280,7 +284,7 @@ def _wsd_runs(budgets, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt
     f = float(spec["decay_fraction"])
     starts = [max(1, int(n * (1 - f))) for n in steps]
     fixed_train = spec["fixed"].get("train", {})
-    warmup = int(fixed_train.get("warmup_steps", max(1, round(spec["warmup_fraction"] * steps[0]))))
+    warmup = int(fixed_train.get("warmup_steps", _warmup(spec, batch_tokens, steps[0])))
     if warmup >= starts[0]:
         raise ConfigError(f"sweep grid: the smallest budget's branch point (step {starts[0]}) is not after the warm-up "
                           f"({warmup} steps); raise the smallest token budget or lower warmup_fraction")
@@ -309,6 +313,14 @@ def branch_init(out: Path, r: SweepRun) -> str:
     return str(out / "runs" / r.parent / "checkpoints" / f"step_{r.branch_step:08d}")
 
 
+def _warmup(spec: dict, batch_tokens: int, steps: int) -> int:
+    """Warm-up steps: ``warmup_tokens`` when the grid sets it (one warm-up for every run, whatever its budget),
+    else ``warmup_fraction`` of ``steps``."""
+    if spec.get("warmup_tokens"):
+        return max(1, round(float(spec["warmup_tokens"]) / batch_tokens))
+    return max(1, round(spec["warmup_fraction"] * steps))
+
+
 def _make_run(D, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, seed, seq_len, vocab, val_tokens,
               data_hash, flops_per_token, train_extra: dict | None = None, tag: str = "") -> SweepRun:
     from steplab.config import RunConfig, _deep_update
@@ -320,7 +332,7 @@ def _make_run(D, spec, base, label, N, lr, lr_v, lr_f, target_bt, bt_v, bt_f, se
     train.update(train_extra or {})
     steps = train["max_steps"]
     if "warmup_steps" not in fixed_train and "warmup_steps" not in train:
-        train["warmup_steps"] = max(1, round(spec["warmup_fraction"] * steps))
+        train["warmup_steps"] = _warmup(spec, batch_tokens, steps)
     if "eval_every" not in fixed_train:
         train["eval_every"] = steps  # one evaluation, at the end: that is the loss the table needs
     if "eval_batches" not in fixed_train:
