@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from steplab.infer.engine import Engine, Request
+from steplab.infer.scoring import pads_safely
 
 
 class EngineLM:
@@ -53,7 +54,7 @@ class EngineLM:
         shared: dict[tuple[int, ...], list[int]] = {}
         whole: list[int] = []
         for i, (ctx, cont) in enumerate(pairs):
-            fits = len(ctx) + len(cont) <= self.context_len and self.engine.pads_safely(self.context_len)
+            fits = len(ctx) + len(cont) <= self.context_len and pads_safely(self.engine, self.context_len)
             (shared.setdefault(tuple(ctx), []) if fits else whole).append(i)
         jobs: list[tuple[list[int], object]] = []  # (pair indices, handle) in the order they were submitted
         for ctx in sorted(shared, key=len, reverse=True):

@@ -53,7 +53,6 @@ import torch
 from steplab.errors import StepLabError
 from steplab.infer.sampling import SamplingParams, sample_next
 from steplab.models.common import KVCache
-from steplab.models.rope import is_dynamic
 
 log = logging.getLogger(__name__)
 
@@ -329,17 +328,9 @@ class Engine:
                 f"were requested ({n_prompt} in the prompt + {request.max_tokens} for the completion); "
                 f"shorten the prompt or lower max_tokens")
         if request.continuations:
-            if request.max_tokens != 0 or request.prompt_logprobs is None or request.images is not None:
-                raise ValueError("continuations are scored only: need max_tokens 0, prompt_logprobs and no images")
-            if request.n != len(request.continuations) or not all(request.continuations):
-                raise ValueError(f"n={request.n} must equal the number of continuations ({len(request.continuations)}), "
-                                 "each with at least one token")
-            longest = n_prompt + max(len(c) for c in request.continuations)
-            if longest > self.context_len:
-                raise ContextLengthError(f"this model's maximum context length is {self.context_len} tokens, but the prompt "
-                                         f"and its longest continuation have {longest}; shorten them")
-            if any(not 0 <= t < self.vocab_size for c in request.continuations for t in c):
-                raise ValueError(f"continuation token ids must lie in [0, {self.vocab_size})")
+            from steplab.infer.scoring import check_continuations
+
+            check_continuations(self, request, n_prompt)
         if request.images is not None and not hasattr(self.model, "embed"):
             raise ValueError(f"model {self.name!r} does not read images; send text only")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
@@ -491,15 +482,6 @@ class Engine:
             for row, seq in enumerate(batch):
                 self._accept(seq, logits[row])
         self.steps_total += 1
-
-    def pads_safely(self, width: int) -> bool:
-        """Whether a padded batch of prompts up to ``width`` tokens gives each row its own prefill's logits
-        (steplab.infer.scoring): not with document masking (a cache-free forward masks inside the prompt) nor
-        with a dynamic RoPE past its original length (its frequencies would follow the padded width)."""
-        cfg, rope = self.model.cfg, getattr(self.model, "rope", None)
-        if getattr(cfg, "doc_mask_token", -1) >= 0:
-            return False
-        return not (is_dynamic(rope) and width > rope.original_max_seq_len)
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from steplab.infer.engine import Event, _score
+from steplab.infer.engine import ContextLengthError, Event, _score
+from steplab.models.rope import is_dynamic
 
 
 def score_step(engine, budget: int) -> int:
@@ -37,7 +38,7 @@ def _whole_prompts(engine, budget: int) -> int:
         req = pre.handle.request
         w = max(width, len(req.prompt))
         if (req.max_tokens != 0 or req.prompt_logprobs is None or req.images is not None or req.continuations
-                or pre.pos or w * (len(group) + 1) > budget or not engine.pads_safely(w)):
+                or pre.pos or w * (len(group) + 1) > budget or not pads_safely(engine, w)):
             break
         group.append(pre)
         width = w
@@ -108,3 +109,28 @@ def _deliver(engine, pre, prompt_logprobs: list) -> None:
             engine._finish(seq, "length", running=False, deliver=False)
     for seq, lps in zip(pre.seqs, prompt_logprobs):
         seq.handle._deliver(Event(seq.index, [], "", finish_reason="length", prompt_logprobs=lps))
+
+
+def check_continuations(engine, request, n_prompt: int) -> None:
+    """A scoring request with continuations is well formed (ValueError / ContextLengthError otherwise)."""
+    if request.max_tokens != 0 or request.prompt_logprobs is None or request.images is not None:
+        raise ValueError("continuations are scored only: need max_tokens 0, prompt_logprobs and no images")
+    if request.n != len(request.continuations) or not all(request.continuations):
+        raise ValueError(f"n={request.n} must equal the number of continuations ({len(request.continuations)}), "
+                         "each with at least one token")
+    longest = n_prompt + max(len(c) for c in request.continuations)
+    if longest > engine.context_len:
+        raise ContextLengthError(f"this model's maximum context length is {engine.context_len} tokens, but the prompt "
+                                 f"and its longest continuation have {longest}; shorten them")
+    if any(not 0 <= t < engine.vocab_size for c in request.continuations for t in c):
+        raise ValueError(f"continuation token ids must lie in [0, {engine.vocab_size})")
+
+
+def pads_safely(engine, width: int) -> bool:
+    """Whether a padded batch of prompts up to ``width`` tokens gives each row its own prefill's logits
+    : not with document masking (a cache-free forward masks inside the prompt) nor
+    with a dynamic RoPE past its original length (its frequencies would follow the padded width)."""
+    cfg, rope = engine.model.cfg, getattr(engine.model, "rope", None)
+    if getattr(cfg, "doc_mask_token", -1) >= 0:
+        return False
+    return not (is_dynamic(rope) and width > rope.original_max_seq_len)
