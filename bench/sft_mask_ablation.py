@@ -5,7 +5,8 @@ task accuracy side by side.
         --set train.batch_size=8 --set data.seq_len=192 --set train.lr=2e-3
 
 Each run is ``steplab sft`` (the one trainer) from the same base on the builtin chat set; the seed sets the data
-order. The validation loss is the assistant-token loss on the tasks' held-out conversations for both arms (the
+order. Finished runs are kept (``row.json`` in each run): seeds can run as separate processes on one ``--out``
+and a last invocation with every seed prints the table. The validation loss is the assistant-token loss on the tasks' held-out conversations for both arms (the
 unmasked arm trains on prompts too, but is scored on the same targets).
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main() -> None:
             run = out / f"{'masked' if mask else 'unmasked'}_s{seed}"
             overrides = args.set + [f"train.max_steps={args.steps}", f"train.seed={seed}", f"train.threads={args.threads}",
                                     f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}"]
+            if (run / "row.json").is_file():  # finished earlier (several invocations may share --out)
+                results.append(json.loads((run / "row.json").read_text()))
+                continue
             t0 = time.time()
             summary = (json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else
                        train(sft_config(args.base, "builtin", overrides, mask=mask), run, progress=False))
@@ -58,6 +62,7 @@ def main() -> None:
                     r = run_task(lm, get_task(name), args.n)
                     row[name] = r.accuracy
                     row[name + "_format"] = r.format_rate
+            (run / "row.json").write_text(json.dumps(row))
             results.append(row)
             print(json.dumps(row), flush=True)
     (out / "ablation.json").write_text(json.dumps(results, indent=2))
