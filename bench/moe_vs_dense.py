@@ -124,7 +124,8 @@ def rich_pairs(widths: list[int], tokens: float, seeds: int, workers: int, cache
     and Step Law's batch, annealed to 0, through ``steplab.law.sweep`` (resumable; ``workers`` x 1 thread)."""
     from steplab.data.prepare import prepare_data
     from steplab.law.hparams import suggest
-    from steplab.law.sweep import hparam_coefs, run_sweep
+    from steplab.law.grid import hparam_coefs
+    from steplab.law.sweep import run_sweep
     from steplab.quickstart import CORPUS_BYTES, FAMILY, HPARAMS, SEQ_LEN, VOCAB_SIZE, moe_sizes
 
     data = cache / f"stdlib_full_v{VOCAB_SIZE}"

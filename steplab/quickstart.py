@@ -123,7 +123,8 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
 
     from steplab.config import RunConfig
     from steplab.law.fit import in_active_params
-    from steplab.law.sweep import auto_threads, expand_grid, run_sweep
+    from steplab.law.grid import expand_grid
+    from steplab.law.sweep import auto_threads, run_sweep
     from steplab.law.tables import load_table
     from steplab.train.trainer import resolve_device, train
     from steplab.utils import atomic_write_json
@@ -374,7 +375,7 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     from steplab.config import RunConfig
     from steplab.law.data_limits import d_opt_interval, data_plan
     from steplab.law.plan import plan, write_config
-    from steplab.law.sweep import DECAY_FRACTION, expand_grid, hparam_coefs
+    from steplab.law.grid import DECAY_FRACTION, expand_grid, hparam_coefs
     from steplab.models import count_params
 
     kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),

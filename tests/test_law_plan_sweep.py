@@ -13,7 +13,8 @@ from steplab.errors import ConfigError
 from steplab.law.fit import fit_parametric
 from steplab.law.hparams import suggest
 from steplab.law.plan import coefficients_fit, find_shape, plan, write_config
-from steplab.law.sweep import expand_grid, run_sweep
+from steplab.law.grid import expand_grid
+from steplab.law.sweep import run_sweep
 from steplab.law.tables import load_table
 from steplab.models import count_params
 

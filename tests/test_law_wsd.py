@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from steplab.config import RunConfig
-from steplab.law.sweep import _priority, auto_workers, expand_grid, run_sweep, usable_cores
+from steplab.law.grid import expand_grid
+from steplab.law.sweep import _priority, auto_workers, run_sweep, usable_cores
 from steplab.law.tables import load_table
 from steplab.train.trainer import train
 

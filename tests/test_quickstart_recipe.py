@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from steplab import quickstart as q
-from steplab.law.sweep import expand_grid
+from steplab.law.grid import expand_grid
 
 
 def _data(tmp_path, tokens: int = 2_000_000):

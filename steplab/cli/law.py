@@ -282,7 +282,8 @@ def _add_sweep(law_sub) -> None:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from steplab.law.sweep import expand_grid, run_state, run_sweep
+    from steplab.law.grid import expand_grid
+    from steplab.law.sweep import run_state, run_sweep
 
     if args.dry_run:
         runs = expand_grid(args.grid, args.data)
