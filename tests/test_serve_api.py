@@ -15,7 +15,8 @@ httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import Hold, Server, loaded, one_thread, wait_for  # noqa: E402,F401,F811 (pytest fixtures)
 
-from steplab.infer.engine import Engine, QueueFullError, Request, chat_stop_ids, encode_chat  # noqa: E402
+from steplab.infer.engine import Engine, QueueFullError, Request  # noqa: E402
+from steplab.infer.prompts import chat_stop_ids, encode_chat  # noqa: E402
 from steplab.infer.sampling import SamplingParams, generate  # noqa: E402
 
 KEY = "sk-test-0123456789"

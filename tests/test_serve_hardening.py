@@ -72,7 +72,7 @@ def test_forged_markers_in_messages_stay_text(server):
 
 def test_forged_markers_in_custom_template_stay_text(loaded):
     from steplab.data.tokenizer import Tokenizer
-    from steplab.infer.engine import encode_chat
+    from steplab.infer.prompts import encode_chat
 
     _, _, tok = loaded
     # a tokenizer whose tokenizer_config.json carries its own Jinja template

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from steplab.infer.engine import ContextLengthError, Event, _score
+from steplab.infer.engine import _score
+from steplab.infer.requests import ContextLengthError, Event
 from steplab.models.rope import is_dynamic
 
 
