@@ -71,6 +71,11 @@ def test_extension_plan_derives_rope_batch_and_lr(base_run, tiny_data):
     assert m.doc_mask_token == load_prepared(tiny_data)[0].bos_id
     assert any("lr:" in line for line in plan.reasoning)
     assert extension_plan(base_run, factor=8, method="pi", steps=10, data_path=str(tiny_data), seq_len=128).cfg.model.max_seq_len == 512
+    assert any(line.startswith("YaRN ramp (beta_fast 32,") for line in plan.reasoning)
+    tuned = extension_plan(base_run, factor=4, method="yarn", steps=10, data_path=str(tiny_data), beta_fast=2, beta_slow=0.5)
+    assert (tuned.cfg.model.rope.beta_fast, tuned.cfg.model.rope.beta_slow) == (2.0, 0.5)
+    with pytest.raises(ConfigError, match="beta"):
+        extension_plan(base_run, factor=4, method="pi", steps=10, data_path=str(tiny_data), beta_fast=2)
     with pytest.raises(ConfigError, match="--method"):
         extension_plan(base_run, factor=4, method="rope9", steps=10, data_path=str(tiny_data))
     with pytest.raises(ConfigError, match="factor"):

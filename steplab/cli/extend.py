@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=float, help="cap on the long dataset's training tokens")
     p.add_argument("--lr", type=float, help="override the derived peak learning rate")
     p.add_argument("--batch-size", type=int, help="override the derived rows per step")
+    p.add_argument("--beta-fast", type=float, help="yarn: pairs rotating at least this often over the trained length keep "
+                   "their frequency (default 32, the paper's value for Llama's 4k context; ~2 suits contexts of a few hundred)")
+    p.add_argument("--beta-slow", type=float, help="yarn: pairs rotating at most this often are interpolated (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the derived config, e.g. "
                    "--set train.ckpt_every=25")
     p.add_argument("--memory", default="4,8,16", help="measure peak training memory at these multiples of the trained "
@@ -49,7 +52,8 @@ def cmd_extend(args) -> int:
         print(f"long data: {meta['corpus_rows']:,} corpus rows of {seq_len} tokens from {meta['long_documents']:,} documents "
               f"+ {meta['passkey_rows']:,} passkey rows -> {data}")
     plan = extension_plan(args.run, factor=args.factor, method=args.method, steps=args.steps, data_path=str(data),
-                          seq_len=seq_len, lr=args.lr, batch_size=args.batch_size)
+                          seq_len=seq_len, lr=args.lr, batch_size=args.batch_size, beta_fast=args.beta_fast,
+                          beta_slow=args.beta_slow)
     cfg = plan.cfg
     if args.set:
         from steplab.config import _deep_update, parse_overrides

@@ -32,6 +32,7 @@ from steplab.config import RunConfig
 from steplab.data.prepare import META, load_prepared
 from steplab.data.shards import dtype_for_vocab, write_shards
 from steplab.errors import ConfigError, DataError
+from steplab.models.rope import describe_yarn
 from steplab.tasks.passkey import Passkey
 from steplab.utils import atomic_dir, atomic_write_json
 
@@ -79,9 +80,11 @@ class ExtensionPlan:
 
 
 def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: int, data_path: str,
-                   seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None) -> ExtensionPlan:
+                   seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                   beta_fast: float | None = None, beta_slow: float | None = None) -> ExtensionPlan:
     """The config of an extension of ``base_run``: RoPE scaled ``factor``-fold with ``method``, trained ``steps``
-    steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights."""
+    steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights.
+    ``beta_fast``/``beta_slow`` set YaRN's ramp (default: the paper's 32 and 1, tuned for Llama's 4k context)."""
     base_run = Path(base_run)
     config_path = base_run / "config.json"
     if not config_path.is_file():
@@ -101,6 +104,9 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
     cfg = copy.deepcopy(base)
     m, t = cfg.model, cfg.train
     m.rope = type(m.rope)(scaling=METHODS[method], factor=float(factor), original_max_seq_len=L)
+    if method != "yarn" and (beta_fast or beta_slow):
+        raise ConfigError(f"--beta-fast/--beta-slow shape YaRN's ramp; --method {method} has none")
+    m.rope.beta_fast, m.rope.beta_slow = beta_fast or m.rope.beta_fast, beta_slow or m.rope.beta_slow
     m.max_seq_len = max(target, seq_len)
     cfg.data.path, cfg.data.seq_len = str(data_path), seq_len
     base_tokens = base.tokens_per_step
@@ -119,6 +125,7 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
         f"lr: {t.lr:.3g}" + (" (given)" if lr else f" = the base's final lr {base.train.lr:.3g} x min_lr_ratio {base.train.min_lr_ratio:g}: "
                              "the weights are converged at that lr, a higher one re-heats them and costs perplexity at the "
                              "original length"),
+        *([describe_yarn(m.head_dim, m.rope_base, m.rope)] if method == "yarn" else []),
         f"schedule: {t.warmup_steps} warmup steps, cosine to {t.min_lr_ratio:g} x lr over {steps} steps",
         f"document masking: attention stays inside documents starting with token {m.doc_mask_token} (<|bos|>)",
     ]
