@@ -44,6 +44,23 @@ def test_passkey_examples_are_exact_length_with_held_out_keys(tiny_data):
     assert CHANCE == 1e-5
 
 
+def test_packed_passkey_rows_mix_document_lengths(tiny_data, tmp_path):
+    tok, _, _, _ = load_prepared(tiny_data)
+    task = Passkey(tok)
+    rows = task.packed_rows(40, 400, 100, seed=3)
+    assert all(len(r) == 400 and r[0] == tok.bos_id for r in rows)
+    lengths = []
+    for r in rows:
+        starts = [i for i, t in enumerate(r) if t == tok.bos_id] + [400]
+        lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
+        assert tok.decode(r).count("What is the pass key?") == len(starts) - 1  # whole documents only
+    assert min(lengths) >= 100 and max(lengths) == 400 and len(set(lengths)) > 20
+    with pytest.raises(ValueError, match="do not fit"):
+        task.packed_rows(1, 120, 200, seed=0)
+    meta = build_long_dataset(tiny_data, tmp_path / "mixed", 400, passkey_fraction=0.5, passkey_min_length=100)
+    assert meta["passkey_min_length"] == 100 and meta["passkey_rows"] == meta["corpus_rows"]
+
+
 def test_long_dataset_rows_documents_and_passkey_share(tiny_data, tmp_path):
     meta = build_long_dataset(tiny_data, tmp_path / "long", 128, passkey_fraction=0.25, min_doc_tokens=400)
     tok, train_shards, val, _ = load_prepared(tmp_path / "long")

@@ -40,9 +40,12 @@ METHODS = {"yarn": "yarn", "pi": "linear", "ntk": "dynamic", "llama3": "llama3"}
 
 
 def build_long_dataset(source: str | Path, out: str | Path, length: int, *, passkey_fraction: float = 0.0,
-                       min_doc_tokens: int = 0, max_tokens: int | None = None, seed: int = 0) -> dict:
+                       min_doc_tokens: int = 0, max_tokens: int | None = None, seed: int = 0,
+                       passkey_min_length: int = 0) -> dict:
     """Write a prepared dataset of ``length``-token rows (corpus rows of packed long documents, and passkey
-    rows in the share ``passkey_fraction``); validation is the source's held-out split. Returns its meta."""
+    rows in the share ``passkey_fraction``); validation is the source's held-out split. Returns its meta.
+    ``passkey_min_length`` > 0 packs each passkey row with documents of mixed lengths from that minimum up to
+    ``length`` (``Passkey.packed_rows``); 0 makes each passkey row one document of exactly ``length``."""
     if not 0.0 <= passkey_fraction < 1.0:
         raise ConfigError(f"passkey fraction {passkey_fraction} must be in [0, 1)")
     tok, train, val, meta = load_prepared(source)
@@ -59,7 +62,10 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
     rows = [stream[i * length:(i + 1) * length] for i in range(n_corpus)]
     n_passkey = int(round(n_corpus * passkey_fraction / (1 - passkey_fraction)))
     if n_passkey:
-        rows += [np.asarray(d) for d in Passkey(tok).documents(n_passkey, length, seed)]
+        task = Passkey(tok)
+        pk_rows = (task.packed_rows(n_passkey, length, passkey_min_length, seed) if passkey_min_length
+                 else task.documents(n_passkey, length, seed))
+        rows += [np.asarray(d) for d in pk_rows]
     order = np.random.default_rng(seed).permutation(len(rows))
     with atomic_dir(out, DataError) as tmp:
         dtype = dtype_for_vocab(tok.vocab_size)
@@ -67,7 +73,7 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
         shutil.copytree(val.path, tmp / "val")
         shutil.copytree(Path(source) / "tokenizer", tmp / "tokenizer")
         new = dict(meta, source=f"long:{source}", row_tokens=length, passkey_fraction=passkey_fraction,
-                   min_doc_tokens=min_doc_tokens, corpus_rows=n_corpus, passkey_rows=n_passkey, long_documents=len(docs))
+                   min_doc_tokens=min_doc_tokens, passkey_min_length=passkey_min_length, corpus_rows=n_corpus, passkey_rows=n_passkey, long_documents=len(docs))
         new["train"] = {"documents": len(rows), "tokens": len(rows) * length, "bytes": meta["train"]["bytes"]}
         atomic_write_json(tmp / META, new)
     return new
