@@ -59,6 +59,8 @@ def test_packed_passkey_rows_mix_document_lengths(tiny_data, tmp_path):
         task.packed_rows(1, 120, 200, seed=0)
     meta = build_long_dataset(tiny_data, tmp_path / "mixed", 400, passkey_fraction=0.5, passkey_min_length=100)
     assert meta["passkey_min_length"] == 100 and meta["passkey_rows"] == meta["corpus_rows"]
+    with pytest.raises(ConfigError, match="minimum length"):
+        build_long_dataset(tiny_data, tmp_path / "bad", 400, passkey_fraction=0.5, passkey_min_length=500)
 
 
 def test_long_dataset_rows_documents_and_passkey_share(tiny_data, tmp_path):

@@ -9,7 +9,9 @@ Data: ``build_long_dataset`` turns a prepared dataset into rows of exactly the n
 whole documents of at least ``min_doc_tokens`` (e.g. Python modules), concatenated and cut into rows, so a
 row holds the end of one document and the start of the next: ``model.doc_mask_token`` = <|bos|> keeps
 attention inside each document (a block-diagonal causal mask). An optional share of passkey documents
-(``tasks/passkey.py``, train keys only) teaches retrieval at the new length.
+(``tasks/passkey.py``, train keys only) teaches retrieval at the new length; packed as documents of mixed lengths
+(``passkey_min_length``) they also train the short key-to-question distances, which a rescaled RoPE otherwise
+loses first (docs/LOG.md, issue 17 second session).
 
 Learning rate and batch: ``extension_plan`` derives them from the base run and says why (the CLI prints it
 beside Step Law's numbers): the batch keeps the base run's tokens per step (rows shrink as the length grows),
@@ -48,6 +50,8 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
     ``length`` (``Passkey.packed_rows``); 0 makes each passkey row one document of exactly ``length``."""
     if not 0.0 <= passkey_fraction < 1.0:
         raise ConfigError(f"passkey fraction {passkey_fraction} must be in [0, 1)")
+    if not 0 <= passkey_min_length <= length:
+        raise ConfigError(f"passkey minimum length {passkey_min_length} must be in 0..{length} (the row length; 0: one document per row)")
     tok, train, val, meta = load_prepared(source)
     tokens = np.asarray(train.tokens)
     starts = np.flatnonzero(tokens == tok.bos_id).tolist() + [len(tokens)]
