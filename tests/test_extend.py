@@ -44,6 +44,25 @@ def test_passkey_examples_are_exact_length_with_held_out_keys(tiny_data):
     assert CHANCE == 1e-5
 
 
+def test_packed_passkey_rows_mix_document_lengths(tiny_data, tmp_path):
+    tok, _, _, _ = load_prepared(tiny_data)
+    task = Passkey(tok)
+    rows = task.packed_rows(40, 400, 100, seed=3)
+    assert all(len(r) == 400 and r[0] == tok.bos_id for r in rows)
+    lengths = []
+    for r in rows:
+        starts = [i for i, t in enumerate(r) if t == tok.bos_id] + [400]
+        lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
+        assert tok.decode(r).count("What is the pass key?") == len(starts) - 1  # whole documents only
+    assert min(lengths) >= 100 and max(lengths) == 400 and len(set(lengths)) > 20
+    with pytest.raises(ValueError, match="do not fit"):
+        task.packed_rows(1, 120, 200, seed=0)
+    meta = build_long_dataset(tiny_data, tmp_path / "mixed", 400, passkey_fraction=0.5, passkey_min_length=100)
+    assert meta["passkey_min_length"] == 100 and meta["passkey_rows"] == meta["corpus_rows"]
+    with pytest.raises(ConfigError, match="minimum length"):
+        build_long_dataset(tiny_data, tmp_path / "bad", 400, passkey_fraction=0.5, passkey_min_length=500)
+
+
 def test_long_dataset_rows_documents_and_passkey_share(tiny_data, tmp_path):
     meta = build_long_dataset(tiny_data, tmp_path / "long", 128, passkey_fraction=0.25, min_doc_tokens=400)
     tok, train_shards, val, _ = load_prepared(tmp_path / "long")
@@ -71,6 +90,11 @@ def test_extension_plan_derives_rope_batch_and_lr(base_run, tiny_data):
     assert m.doc_mask_token == load_prepared(tiny_data)[0].bos_id
     assert any("lr:" in line for line in plan.reasoning)
     assert extension_plan(base_run, factor=8, method="pi", steps=10, data_path=str(tiny_data), seq_len=128).cfg.model.max_seq_len == 512
+    assert any(line.startswith("YaRN ramp (beta_fast 32,") for line in plan.reasoning)
+    tuned = extension_plan(base_run, factor=4, method="yarn", steps=10, data_path=str(tiny_data), beta_fast=2, beta_slow=0.5)
+    assert (tuned.cfg.model.rope.beta_fast, tuned.cfg.model.rope.beta_slow) == (2.0, 0.5)
+    with pytest.raises(ConfigError, match="beta"):
+        extension_plan(base_run, factor=4, method="pi", steps=10, data_path=str(tiny_data), beta_fast=2)
     with pytest.raises(ConfigError, match="--method"):
         extension_plan(base_run, factor=4, method="rope9", steps=10, data_path=str(tiny_data))
     with pytest.raises(ConfigError, match="factor"):

@@ -65,6 +65,23 @@ def test_yarn_ramp_keeps_high_frequencies_and_interpolates_low_ones():
     assert attn == pytest.approx(0.1 * math.log(4) + 1)
 
 
+def test_yarn_ramp_bounds_follow_beta_and_the_original_length():
+    from steplab.models.rope import describe_yarn, yarn_ramp
+
+    # Llama-2 (head_dim 128, base 1e4, 4k): the paper's beta 32/1 keep pairs 0-20 and interpolate 46 on.
+    llama = RopeConfig(scaling="yarn", factor=4.0, original_max_seq_len=4096)
+    assert yarn_ramp(128, 1e4, llama) == (20, 46)
+    assert "21 kept, 25 blended, 18 interpolated" in describe_yarn(128, 1e4, llama)
+    # At 128 tokens no pair turns 32 times, so 32/1 keeps only pair 0 and the line says so; beta_fast 2 keeps 0-4.
+    short = RopeConfig(scaling="yarn", factor=4.0, original_max_seq_len=128)
+    assert yarn_ramp(32, 1e4, short) == (0, 6) and "--beta-fast" in describe_yarn(32, 1e4, short)
+    lower = RopeConfig(scaling="yarn", factor=4.0, original_max_seq_len=128, beta_fast=2.0)
+    assert yarn_ramp(32, 1e4, lower) == (4, 6) and "5 kept, 1 blended, 10 interpolated" in describe_yarn(32, 1e4, lower)
+    freq, _ = inv_freq(32, 1e4, lower)
+    plain, _ = inv_freq(32, 1e4)
+    assert torch.equal(freq[:5], plain[:5]) and torch.allclose(freq[6:], plain[6:] / 4)
+
+
 @pytest.mark.parametrize("name", ["none"] + list(SCALINGS))
 def test_logits_match_llama_at_4x_the_original_length(name):
     from steplab.export.hf import to_hf_state_dict

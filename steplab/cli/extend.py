@@ -19,9 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared dataset to draw long documents from (default: the run's own)")
     p.add_argument("--min-doc-tokens", type=int, help="only documents at least this long (default: half the training length)")
     p.add_argument("--passkey-fraction", type=float, default=0.0, help="share of rows that are passkey documents (default 0)")
+    p.add_argument("--passkey-min-length", type=int, default=0, help="pack passkey rows with documents of mixed "
+                   "lengths from this many tokens up to the row (e.g. the trained length; default 0: one document per row)")
     p.add_argument("--max-tokens", type=float, help="cap on the long dataset's training tokens")
     p.add_argument("--lr", type=float, help="override the derived peak learning rate")
     p.add_argument("--batch-size", type=int, help="override the derived rows per step")
+    p.add_argument("--beta-fast", type=float, help="yarn: pairs rotating at least this often over the trained length keep "
+                   "their frequency (default 32, the paper's value for Llama's 4k context; ~2 suits contexts of a few hundred)")
+    p.add_argument("--beta-slow", type=float, help="yarn: pairs rotating at most this often are interpolated (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the derived config, e.g. "
                    "--set train.ckpt_every=25")
     p.add_argument("--memory", default="4,8,16", help="measure peak training memory at these multiples of the trained "
@@ -45,11 +50,13 @@ def cmd_extend(args) -> int:
     if not (args.resume and data.is_dir()) and base is not None:
         meta = build_long_dataset(args.data or base.data.path, data, seq_len, passkey_fraction=args.passkey_fraction,
                                   min_doc_tokens=args.min_doc_tokens if args.min_doc_tokens is not None else seq_len // 2,
-                                  max_tokens=int(args.max_tokens) if args.max_tokens else None)
+                                  max_tokens=int(args.max_tokens) if args.max_tokens else None,
+                                  passkey_min_length=args.passkey_min_length)
         print(f"long data: {meta['corpus_rows']:,} corpus rows of {seq_len} tokens from {meta['long_documents']:,} documents "
               f"+ {meta['passkey_rows']:,} passkey rows -> {data}")
     plan = extension_plan(args.run, factor=args.factor, method=args.method, steps=args.steps, data_path=str(data),
-                          seq_len=seq_len, lr=args.lr, batch_size=args.batch_size)
+                          seq_len=seq_len, lr=args.lr, batch_size=args.batch_size, beta_fast=args.beta_fast,
+                          beta_slow=args.beta_slow)
     cfg = plan.cfg
     if args.set:
         from steplab.config import _deep_update, parse_overrides

@@ -33,6 +33,31 @@ def yarn_attention_factor(factor: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
+def yarn_ramp(head_dim: int, base: float, rope) -> tuple[int, int]:
+    """YaRN's ramp (low, high) in frequency-pair indices: pairs up to ``low`` rotate at least ``beta_fast`` times
+    over the original length and keep their frequency, pairs from ``high`` on rotate at most ``beta_slow`` times
+    and are divided by s, the ones between are blended linearly (transformers' ``find_correction_range``)."""
+    def dim_at(rotations: float) -> float:  # the pair index completing ``rotations`` turns over L positions
+        return head_dim * math.log(rope.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    return max(math.floor(dim_at(rope.beta_fast)), 0), min(math.ceil(dim_at(rope.beta_slow)), head_dim - 1)
+
+
+def describe_yarn(head_dim: int, base: float, rope) -> str:
+    """One line saying which frequency pairs YaRN keeps, blends and interpolates (printed by `steplab extend`)."""
+    low, high = yarn_ramp(head_dim, base, rope)
+    pairs = head_dim // 2
+    keep = 1 - ((torch.arange(pairs, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    kept, interpolated = int((keep == 1).sum()), int((keep == 0).sum())
+    line = (f"YaRN ramp (beta_fast {rope.beta_fast:g}, beta_slow {rope.beta_slow:g}) over {pairs} frequency pairs: "
+            f"{kept} kept, {pairs - kept - interpolated} blended, {interpolated} interpolated 1/{rope.factor:g}")
+    if kept <= 1:
+        line += (f"; the fastest pair rotates only {rope.original_max_seq_len / (2 * math.pi):.1f} times over "
+                 f"{rope.original_max_seq_len} tokens, so beta_fast={rope.beta_fast:g} (tuned for Llama's 4k context) keeps almost "
+                 "nothing: a lower --beta-fast (e.g. 2) keeps the fine position resolution of short-context models")
+    return line
+
+
 def inv_freq(head_dim: int, base: float, rope=None, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
     """(frequencies of shape (head_dim/2,), attention factor) for a ``RopeConfig`` (None: plain RoPE).
 
@@ -50,11 +75,7 @@ def inv_freq(head_dim: int, base: float, rope=None, seq_len: int | None = None, 
     if kind == "linear":
         return freq / s, 1.0
     if kind == "yarn":
-        # The dimension index at which a frequency completes r rotations over L positions, floored/ceiled.
-        def dim_at(rotations: float) -> float:
-            return head_dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = max(math.floor(dim_at(rope.beta_fast)), 0), min(math.ceil(dim_at(rope.beta_slow)), head_dim - 1)
+        low, high = yarn_ramp(head_dim, base, rope)
         if low == high:
             high += 0.001  # a one-point ramp would divide by zero
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)

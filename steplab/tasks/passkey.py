@@ -86,6 +86,27 @@ class Passkey:
         rng = np.random.default_rng([seed, length])
         return [self.example(length, float(rng.random()), draw_key(rng, "train")).tokens for _ in range(n)]
 
+    def packed_rows(self, n: int, length: int, min_doc: int, seed: int) -> list[list[int]]:
+        """``n`` rows of exactly ``length`` tokens, each packed with passkey documents of lengths drawn uniformly
+        from [``min_doc``, ``length``] (the last one sized to fill the row; train keys, uniform depths). Under
+        the document mask every key-to-question distance up to ``length`` is trained, the short ones included,
+        which rows of one document each cover only in proportion to their share of the row."""
+        min_doc = max(min_doc, self.min_length())
+        if min_doc > length:
+            raise ValueError(f"passkey documents of at least {min_doc} tokens do not fit rows of {length}")
+        rng = np.random.default_rng([seed, length, min_doc])
+        rows = []
+        for _ in range(n):
+            row, left = [], length
+            while left:
+                size = left if left < 2 * min_doc else int(rng.integers(min_doc, left + 1))
+                if left - size < min_doc:  # a remainder too short for a document joins this one
+                    size = left
+                row += self.example(size, float(rng.random()), draw_key(rng, "train")).tokens
+                left -= size
+            rows.append(row)
+        return rows
+
     def eval_examples(self, n: int, length: int, depth: float, seed: int = 0) -> list[Example]:
         rng = np.random.default_rng([seed, length, int(depth * 1000)])
         return [self.example(length, depth, draw_key(rng, "test")) for _ in range(n)]

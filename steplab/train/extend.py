@@ -9,7 +9,9 @@ Data: ``build_long_dataset`` turns a prepared dataset into rows of exactly the n
 whole documents of at least ``min_doc_tokens`` (e.g. Python modules), concatenated and cut into rows, so a
 row holds the end of one document and the start of the next: ``model.doc_mask_token`` = <|bos|> keeps
 attention inside each document (a block-diagonal causal mask). An optional share of passkey documents
-(``tasks/passkey.py``, train keys only) teaches retrieval at the new length.
+(``tasks/passkey.py``, train keys only) teaches retrieval at the new length; packed as documents of mixed lengths
+(``passkey_min_length``) they also train the short key-to-question distances, which a rescaled RoPE otherwise
+loses first (docs/LOG.md, issue 17 second session).
 
 Learning rate and batch: ``extension_plan`` derives them from the base run and says why (the CLI prints it
 beside Step Law's numbers): the batch keeps the base run's tokens per step (rows shrink as the length grows),
@@ -32,6 +34,7 @@ from steplab.config import RunConfig
 from steplab.data.prepare import META, load_prepared
 from steplab.data.shards import dtype_for_vocab, write_shards
 from steplab.errors import ConfigError, DataError
+from steplab.models.rope import describe_yarn
 from steplab.tasks.passkey import Passkey
 from steplab.utils import atomic_dir, atomic_write_json
 
@@ -39,11 +42,16 @@ METHODS = {"yarn": "yarn", "pi": "linear", "ntk": "dynamic", "llama3": "llama3"}
 
 
 def build_long_dataset(source: str | Path, out: str | Path, length: int, *, passkey_fraction: float = 0.0,
-                       min_doc_tokens: int = 0, max_tokens: int | None = None, seed: int = 0) -> dict:
+                       min_doc_tokens: int = 0, max_tokens: int | None = None, seed: int = 0,
+                       passkey_min_length: int = 0) -> dict:
     """Write a prepared dataset of ``length``-token rows (corpus rows of packed long documents, and passkey
-    rows in the share ``passkey_fraction``); validation is the source's held-out split. Returns its meta."""
+    rows in the share ``passkey_fraction``); validation is the source's held-out split. Returns its meta.
+    ``passkey_min_length`` > 0 packs each passkey row with documents of mixed lengths from that minimum up to
+    ``length`` (``Passkey.packed_rows``); 0 makes each passkey row one document of exactly ``length``."""
     if not 0.0 <= passkey_fraction < 1.0:
         raise ConfigError(f"passkey fraction {passkey_fraction} must be in [0, 1)")
+    if not 0 <= passkey_min_length <= length:
+        raise ConfigError(f"passkey minimum length {passkey_min_length} must be in 0..{length} (the row length; 0: one document per row)")
     tok, train, val, meta = load_prepared(source)
     tokens = np.asarray(train.tokens)
     starts = np.flatnonzero(tokens == tok.bos_id).tolist() + [len(tokens)]
@@ -58,7 +66,10 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
     rows = [stream[i * length:(i + 1) * length] for i in range(n_corpus)]
     n_passkey = int(round(n_corpus * passkey_fraction / (1 - passkey_fraction)))
     if n_passkey:
-        rows += [np.asarray(d) for d in Passkey(tok).documents(n_passkey, length, seed)]
+        task = Passkey(tok)
+        pk_rows = (task.packed_rows(n_passkey, length, passkey_min_length, seed) if passkey_min_length
+                 else task.documents(n_passkey, length, seed))
+        rows += [np.asarray(d) for d in pk_rows]
     order = np.random.default_rng(seed).permutation(len(rows))
     with atomic_dir(out, DataError) as tmp:
         dtype = dtype_for_vocab(tok.vocab_size)
@@ -66,7 +77,7 @@ def build_long_dataset(source: str | Path, out: str | Path, length: int, *, pass
         shutil.copytree(val.path, tmp / "val")
         shutil.copytree(Path(source) / "tokenizer", tmp / "tokenizer")
         new = dict(meta, source=f"long:{source}", row_tokens=length, passkey_fraction=passkey_fraction,
-                   min_doc_tokens=min_doc_tokens, corpus_rows=n_corpus, passkey_rows=n_passkey, long_documents=len(docs))
+                   min_doc_tokens=min_doc_tokens, passkey_min_length=passkey_min_length, corpus_rows=n_corpus, passkey_rows=n_passkey, long_documents=len(docs))
         new["train"] = {"documents": len(rows), "tokens": len(rows) * length, "bytes": meta["train"]["bytes"]}
         atomic_write_json(tmp / META, new)
     return new
@@ -79,9 +90,11 @@ class ExtensionPlan:
 
 
 def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: int, data_path: str,
-                   seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None) -> ExtensionPlan:
+                   seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                   beta_fast: float | None = None, beta_slow: float | None = None) -> ExtensionPlan:
     """The config of an extension of ``base_run``: RoPE scaled ``factor``-fold with ``method``, trained ``steps``
-    steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights."""
+    steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights.
+    ``beta_fast``/``beta_slow`` set YaRN's ramp (default: the paper's 32 and 1, tuned for Llama's 4k context)."""
     base_run = Path(base_run)
     config_path = base_run / "config.json"
     if not config_path.is_file():
@@ -101,6 +114,9 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
     cfg = copy.deepcopy(base)
     m, t = cfg.model, cfg.train
     m.rope = type(m.rope)(scaling=METHODS[method], factor=float(factor), original_max_seq_len=L)
+    if method != "yarn" and (beta_fast or beta_slow):
+        raise ConfigError(f"--beta-fast/--beta-slow shape YaRN's ramp; --method {method} has none")
+    m.rope.beta_fast, m.rope.beta_slow = beta_fast or m.rope.beta_fast, beta_slow or m.rope.beta_slow
     m.max_seq_len = max(target, seq_len)
     cfg.data.path, cfg.data.seq_len = str(data_path), seq_len
     base_tokens = base.tokens_per_step
@@ -119,6 +135,7 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
         f"lr: {t.lr:.3g}" + (" (given)" if lr else f" = the base's final lr {base.train.lr:.3g} x min_lr_ratio {base.train.min_lr_ratio:g}: "
                              "the weights are converged at that lr, a higher one re-heats them and costs perplexity at the "
                              "original length"),
+        *([describe_yarn(m.head_dim, m.rope_base, m.rope)] if method == "yarn" else []),
         f"schedule: {t.warmup_steps} warmup steps, cosine to {t.min_lr_ratio:g} x lr over {steps} steps",
         f"document masking: attention stays inside documents starting with token {m.doc_mask_token} (<|bos|>)",
     ]
