@@ -107,33 +107,10 @@ def sweep_grid(budget: float, device: str, moe: bool = False, seed: int = 0, mod
         # the sweep's larger sizes warmed up 4x shorter than the planned run (46), which it beat the law by
         # +4.9% (seed 1); the same sweep with 46 steps: +2.6% (docs/benchmarks.md, issue 12 fourth session)
         "warmup_tokens": WARMUP_FRACTION * max(tokens),
-        # the lr and batch rules at the largest budget for every run, a probe at a smaller one included (wsd
-        # evaluates them there anyway; with_probe's size has only the smallest budget)
-        "rule_tokens": max(tokens),
         # min_lr_ratio 0: anneal to ~0, as Step Law's runs do (to 1e-5)
         "fixed": {"data": {"seq_len": SEQ_LEN}, "model": {"max_seq_len": SEQ_LEN},
                   "train": {"device": device, "min_lr_ratio": 0.0}},
     }
-
-
-def _plan_kw(grid: dict, data_dir: Path, moe: bool) -> dict:
-    """``law.plan.plan`` arguments for this family, in the sweep's recipe."""
-    from steplab.law.grid import hparam_coefs
-
-    return dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
-                warmup_fraction=grid["warmup_fraction"], moe=moe, **FAMILY)
-
-
-def with_probe(grid: dict, data_dir: Path, target_C: float, unique: float, moe: bool = False) -> dict:
-    """The grid plus a probe: the shape the planned run has at one pass over the data (N = C / 6U), swept at the
-    smallest budget only (a quarter of the planned run's FLOPs at the default budgets). Without it the plan
-    extrapolates 4x in N beyond the sweep at the largest swept D, and the law has no point showing how returns
-    in N flatten there; with it the planned N lies inside the swept N (docs/LOG.md, session 6)."""
-    from steplab.law.plan import plan
-
-    p = plan(compute=target_C, params=target_C / (6 * unique), **_plan_kw(grid, data_dir, moe))
-    shape = {k: v for k, v in p.model.items() if k != "max_seq_len"}
-    return {**grid, "sizes": [*grid["sizes"], {**shape, "tokens": [min(grid["tokens"])]}]}
 
 
 def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdlib", device: str = "auto",
@@ -183,14 +160,11 @@ def quickstart(out: str | None = None, budget: float = 1.0, source: str = "stdli
     # 2. sweep, with the running fit printed after each new point
     grid = sweep_grid(budget, device, moe, seed, unique_tokens=unique)
     runs = [r for r in expand_grid(grid, str(data_dir)) if not r.stable]
+    Ns = sorted({_N(r) for r in runs})
     C_max = max(6 * _N(r) * r.config["train"]["max_steps"] * _tokens_per_step(r.config) for r in runs)
     target_C = BIG_FACTOR * C_max
-    grid = with_probe(grid, data_dir, target_C, unique, moe)
-    runs = [r for r in expand_grid(grid, str(data_dir)) if not r.stable]
-    Ns = sorted({_N(r) for r in runs})
-    print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets + the planned shape at the smallest "
-          f"= {len(runs)} points as WSD branches (N {Ns[0]:,}-{Ns[-1]:,}: {Ns[-1] / Ns[0]:.1f}x; "
-          f"D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
+    print(f"[2/5] sweep: {len(SIZES)} sizes x {len(grid['tokens'])} token budgets = {len(runs)} points as WSD branches "
+          f"(N {Ns[0]:,}-{Ns[-1]:,}: {Ns[-1] / Ns[0]:.1f}x; D {min(grid['tokens']):,}-{max(grid['tokens']):,}), "
           f"{LR_RULE_TEXT}, Step Law batch, device {resolve_device(device)} -> {sweep_dir}")
     print(f"      planned run: C = {BIG_FACTOR:g} x {C_max:.3g} = {target_C:.3g} FLOPs within {unique:,.0f} unique tokens")
     t = time.time()
@@ -401,10 +375,11 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     from steplab.config import RunConfig
     from steplab.law.data_limits import d_opt_interval, data_plan
     from steplab.law.plan import plan, write_config
-    from steplab.law.grid import DECAY_FRACTION, expand_grid
+    from steplab.law.grid import DECAY_FRACTION, expand_grid, hparam_coefs
     from steplab.models import count_params
 
-    kw = _plan_kw(grid, data_dir, moe)
+    kw = dict(seq_len=SEQ_LEN, hparams=hparam_coefs(grid), base=grid["fixed"], data_path=str(data_dir),
+              warmup_fraction=grid["warmup_fraction"], moe=moe, **FAMILY)
     choice: dict = {"unique_tokens": unique_tokens}
     if fit is not None:
         dp = data_plan(fit, target_C, unique_tokens, mode="one-epoch")
@@ -432,7 +407,6 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
     D_run = min(D, unique_tokens)
     one = {**grid, "sizes": [{k: v for k, v in p.model.items() if k != "max_seq_len"}], "tokens": [D_run],
            "mode": "independent"}
-    one.pop("rule_tokens", None)  # the rules at the planned run's own D
     one["fixed"] = {**grid["fixed"], "train": {**grid["fixed"]["train"], "schedule": "wsd",
                                                "decay_fraction": DECAY_FRACTION}}
     # warm-up: the grid's warmup_tokens, as every sweep run's (5% of the largest budget = 5% of the planned run's

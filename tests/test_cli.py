@@ -20,7 +20,7 @@ def test_quickstart_tiny_budget_end_to_end(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "0.02", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "bits per byte" in out and "wall time" in out and "class " in out
-    assert "fit on 16 points" in out or "fit: 16 points, not yet usable" in out  # the running fit, last point (15 + probe)
+    assert "fit on 15 points" in out or "fit: 15 points, not yet usable" in out  # the running fit, last point
     run = tmp_path / "qs" / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_loss"] < 0.85 * math.log(1024)  # ln V = 6.93 at random init (vocab 1024)

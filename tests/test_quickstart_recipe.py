@@ -71,29 +71,3 @@ def test_running_fit_is_a_quick_one(monkeypatch, capsys):
     q._running_fit(rows, 1024, 1.1e13, 2e6, moe=False)
     assert seen and seen[0]["n_starts"] <= 8 and seen[0]["n_bootstrap"] <= 50
     assert "fit on 15 points" in capsys.readouterr().out
-
-
-def test_probe_is_the_planned_shape_at_the_smallest_budget(tmp_path):
-    """The sweep's probe size is the shape and recipe (lr, batch, warm-up, WSD) of the planned run at one pass,
-    trained to the smallest budget only; the other sizes' runs are untouched by adding it."""
-    data = _data(tmp_path, tokens=2_010_668)
-    grid = q.sweep_grid(1.0, "cpu", seed=0, unique_tokens=2_010_668)
-    before = {r.run_id for r in expand_grid(grid, str(data))}
-    probed = q.with_probe(grid, data, 1.07e13, 2_010_668)
-    new = [r for r in expand_grid(probed, str(data)) if r.run_id not in before]
-    assert sorted(r.stable for r in new) == [False, True]  # one stable phase + one branch
-    branch = next(r for r in new if not r.stable)
-    big, *_ = q.plan_big_run(None, None, 1.07e13, probed, data, tmp_path, unique_tokens=2_010_668)
-    assert branch.config["model"] == big["config"]["model"]
-    for key in ("lr", "batch_size", "grad_accum", "warmup_steps", "schedule"):
-        assert branch.config["train"][key] == big["config"]["train"][key], key
-    assert branch.point["tokens_target"] == min(grid["tokens"])
-    assert branch.config["train"]["max_steps"] == round(big["config"]["train"]["max_steps"] / 4)
-
-
-def test_a_size_takes_only_budgets_of_the_grid(tmp_path):
-    from steplab.errors import ConfigError
-
-    grid = {"sizes": [{"d_model": 32, "n_layer": 1, "n_head": 2, "tokens": [3e5]}], "tokens": [1e5, 2e5]}
-    with pytest.raises(ConfigError, match=r"tokens = \[300000.0\] must be a non-empty list drawn from the grid's tokens"):
-        expand_grid(grid, str(_data(tmp_path)))

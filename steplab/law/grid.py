@@ -3,8 +3,7 @@ runs them: ``steplab.law.sweep``).
 
 A grid is a TOML file (or the same dict in Python)::
 
-    sizes  = ["step1-nano", {d_model = 64, n_layer = 2, n_head = 2}]  # presets or model shapes; a shape may
-                                          # take its own budgets: {d_model = 192, ..., tokens = [1e6]}
+    sizes  = ["step1-nano", {d_model = 64, n_layer = 2, n_head = 2}]  # presets or model shapes
     tokens = [1e6, 2e6, 4e6]              # training-token budgets D
     lr     = ["steplaw"]                  # numbers, "steplaw" or "steplaw*0.5" (Step Law per (N, D))
     batch_tokens = ["steplaw"]            # tokens per optimizer step: numbers or "steplaw[*x]"
@@ -139,25 +138,20 @@ def _rule_factor(value: Any, what: str) -> float | None:
     return factor
 
 
-def _size_layer(size: Any, tokens: list) -> tuple[str, dict[str, Any], str | None, list]:
-    """(label, model overrides, preset, token budgets) of one ``sizes`` entry; a size table's own ``tokens``
-    (a subset of the grid's budgets, e.g. a probe of a large shape at the smallest budget) replaces the grid's."""
+def _size_layer(size: Any) -> tuple[str, dict[str, Any], str | None]:
+    """(label, model overrides, preset) of one ``sizes`` entry."""
     if isinstance(size, str):
-        return size, {}, size, tokens
+        return size, {}, size
     if not isinstance(size, dict):
         raise ConfigError(f"sweep grid: size {size!r} must be a preset name or a table of model settings")
     size = dict(size)
     preset = size.pop("preset", None)
     name = size.pop("name", None)
-    own = size.pop("tokens", None)
-    if own is not None and not (isinstance(own, list) and own and set(own) <= set(tokens)):
-        raise ConfigError(f"sweep grid: size {name or size}: tokens = {own!r} must be a non-empty list drawn from the "
-                          f"grid's tokens {tokens}")
     if name is None:
         short = {"d_model": "d", "n_layer": "l", "n_head": "h", "n_kv_head": "kv", "d_ff": "f"}
         name = (preset + "-" if preset else "") + "".join(f"{short[k]}{v}" for k, v in size.items() if k in short)
         name = name or "default"
-    return str(name), size, preset, own or tokens
+    return str(name), size, preset
 
 
 def _short(x: float) -> str:
@@ -199,7 +193,7 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
     runs: list[SweepRun] = []
     seen: dict[str, int] = {}
     for size in spec["sizes"]:
-        label, model_layer, preset, tokens = _size_layer(size, spec["tokens"])
+        label, model_layer, preset = _size_layer(size)
         base = _preset_dict(preset) if preset else {}
         base = _deep_update(base, spec["fixed"])
         base = _deep_update(base, {"model": model_layer})
@@ -211,9 +205,9 @@ def expand_grid(grid: str | os.PathLike | dict, data_path: str | None = None) ->
         for D in spec["tokens"]:
             if not (isinstance(D, (int, float)) and not isinstance(D, bool) and D >= seq_len):
                 raise ConfigError(f"sweep grid: token budget {D!r} must be a number of at least one sequence ({seq_len})")
-        budgets = sorted(float(D) for D in tokens) if spec["mode"] == "wsd" else [float(D) for D in tokens]
+        budgets = sorted(float(D) for D in spec["tokens"]) if spec["mode"] == "wsd" else [float(D) for D in spec["tokens"]]
         # wsd: the branches of one size share the stable phase, so its lr and batch: the rule's at the largest
-        # budget, or at rule_tokens (that branch is then exactly an independent WSD run of the recipe at its D)
+        # budget (that branch is then exactly an independent WSD run of the recipe at its D)
         for D in ([budgets[-1]] if spec["mode"] == "wsd" else budgets):
             law = suggest(N, float(spec.get("rule_tokens") or D), seq_len, coefs)
             for lr_v in spec["lr"]:
