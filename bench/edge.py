@@ -1,6 +1,6 @@
 """Edge footprint table: fp32, bf16, int8, int4 (and GGUF q8_0/q4_0 read back) of one run, in one command.
 
-    python bench/edge.py RUN [--group 32] [--batches 4] [--prompt 128] [--decode 32] [--rounds 3] [--out /tmp/edge]
+    python bench/edge.py RUN [--group 32] [--batches 4] [--prompt 128] [--decode 32] [--rounds 3] [--out /tmp/edge] [--llama-cpp]
 
 Columns: file size (and x fp32), resident memory while decoding (a fresh subprocess per variant loads the model
 and decodes; VmRSS read right after, and the same process's RSS before loading subtracted as "model RSS"),
@@ -10,8 +10,9 @@ interleaved round by round, medians reported, and given as a ratio to bf16.
 
 Compute dtypes: fp32 weights and activations; bf16 weights and activations (no autocast); int8/int4 weights
 with fp32 activations (the kernels widen weights inside the GEMM). GGUF rows: the file written by
-`steplab export gguf`, read back with GGUFReader and dequantized into our fp32 forward (perplexity only:
-llama.cpp itself is not run here).
+`steplab export gguf`, read back with GGUFReader and dequantized into our fp32 forward; with ``--llama-cpp``
+each file also runs in llama.cpp (llama-cpp-python): perplexity on the same windows and greedy tokens, next to
+ours on the same file.
 """
 from __future__ import annotations
 
@@ -93,6 +94,50 @@ def rss_child(name: str, path: str, prompt: int, decode: int) -> None:
     print(json.dumps({"base": base, "rss": rss_mb()}))
 
 
+def llama_cpp_check(run: str, path: Path, cfg, batches: int, prompt: torch.Tensor, decode: int, threads: int) -> dict:
+    """The GGUF file in llama.cpp (llama-cpp-python) next to our forward on the same file's dequantized weights:
+    perplexity on the same validation windows, and greedy tokens from the same prompt (matching prefix length).
+    llama.cpp also quantizes activations (q8_0/q4_0 dot products take q8 activations), so small differences are
+    expected; a layout or tokenizer error would show as a large one."""
+    import llama_cpp
+    import numpy as np
+
+    from steplab.data.loader import iter_eval_batches
+    from steplab.data.prepare import load_prepared
+    from steplab.export.gguf import read_gguf, steplab_state
+    from steplab.infer.sampling import SamplingParams, generate
+    from steplab.models import build_model
+
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(steplab_state(read_gguf(path)[0], cfg.model), strict=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=cfg.data.seq_len, logits_all=True, n_threads=threads,
+                          verbose=False)
+    _, _, val, _ = load_prepared(cfg.data.path)
+    nll = {"llama.cpp": 0.0, "ours": 0.0}
+    count = 0
+    for x, y in iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=batches):
+        with torch.no_grad():
+            logp_ours = torch.log_softmax(ours(x).float(), dim=-1)
+        for row in range(x.shape[0]):
+            llm.reset()
+            llm.eval(x[row].tolist())
+            logits = torch.from_numpy(np.asarray(llm.scores[: x.shape[1]], dtype=np.float32))
+            logp = torch.log_softmax(logits, dim=-1)
+            nll["llama.cpp"] -= logp.gather(1, y[row][:, None]).sum().item()
+            nll["ours"] -= logp_ours[row].gather(1, y[row][:, None]).sum().item()
+            count += y.shape[1]
+    ppl = {k: math.exp(v / count) for k, v in nll.items()}
+    ids = prompt[0].tolist()
+    mine = generate(ours, [ids], SamplingParams(max_new_tokens=decode, temperature=0.0))[0]
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        theirs.append(t)
+        if len(theirs) == decode:
+            break
+    same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    return {"ppl_llama_cpp": ppl["llama.cpp"], "ppl_ours": ppl["ours"], "greedy_same_prefix": same, "decode": decode}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -104,11 +149,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/edge", help="where the quantized runs and GGUF files are written")
     ap.add_argument("--no-gguf", action="store_true")
+    ap.add_argument("--llama-cpp", action="store_true", help="also run each GGUF file (and an f16 one) in llama.cpp "
+                    "(llama-cpp-python), each in a subprocess")
+    ap.add_argument("--llama-child", nargs=1, metavar="GGUF", help=argparse.SUPPRESS)
     ap.add_argument("--rss-child", nargs=2, metavar=("NAME", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.rss_child:
         return rss_child(*args.rss_child, args.prompt, args.decode)
+    if args.llama_child:
+        cfg, _, _, _ = load_run(args.run)
+        res = llama_cpp_check(args.run, Path(args.llama_child[0]), cfg, args.batches, prompt_ids(cfg, args.prompt),
+                              args.decode, args.threads)
+        return print(json.dumps(res))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,11 +198,18 @@ def main() -> None:
     if not args.no_gguf:
         from steplab.export.gguf import export_gguf, verify_gguf
 
-        for kind in ("q8_0", "q4_0"):
+        for kind in ("f16", "q8_0", "q4_0") if args.llama_cpp else ("q8_0", "q4_0"):
             path = out / f"model-{kind}.gguf"
             size = export_gguf(args.run, path, kind)["bytes"]
             v = verify_gguf(args.run, path, batches=args.batches, ppl_fp32=ppl["fp32"])
             gguf_rows[f"gguf {kind}"] = (size, v)
+            if args.llama_cpp:  # a subprocess: a llama.cpp build can die on this CPU (SIGILL, docs/benchmarks.md)
+                res = subprocess.run([sys.executable, __file__, args.run, "--llama-child", str(path), "--batches",
+                                      str(args.batches), "--prompt", str(args.prompt), "--decode", str(args.decode),
+                                      "--threads", str(args.threads)], capture_output=True, text=True)
+                v["llama_cpp"] = (json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else
+                                  {"error": f"exit status {res.returncode}" + (f" (signal {-res.returncode})"
+                                                                               if res.returncode < 0 else "")})
 
     bf16_dec = statistics.median(s[1] for s in speeds["bf16"])
     print(f"run {args.run}: {sum(p.numel() for p in model.state_dict().values()) / 1e6:.1f}M parameters, "
@@ -166,6 +226,14 @@ def main() -> None:
     for n, (size, v) in gguf_rows.items():
         print(f"| {n} (read back) | {size / 1e6:.2f} | {size / files['fp32']:.3f} | - | - | - | - | {v['ppl_file']:.4f} | "
               f"{v['ppl_file'] / ppl['fp32'] - 1:+.2%} (vs in-memory {v['rel_diff']:+.4%}) |")
+    for n, (_, v) in gguf_rows.items():
+        c = v.get("llama_cpp")
+        if c and "error" in c:
+            print(f"{n} in llama.cpp: failed, {c['error']}")
+        elif c:
+            print(f"{n} in llama.cpp: perplexity {c['ppl_llama_cpp']:.4f} vs ours on the same file {c['ppl_ours']:.4f} "
+                  f"({c['ppl_llama_cpp'] / c['ppl_ours'] - 1:+.3%}); greedy tokens identical for the first "
+                  f"{c['greedy_same_prefix']} of {c['decode']}")
 
 
 if __name__ == "__main__":
