@@ -172,7 +172,7 @@ def main() -> None:
     if args.train_steps:
         if not args.data:
             ap.error("--train-steps needs --data")
-        print(f"\n| size | steps | old val loss | new val loss | new / old - 1 | old tok/s | new tok/s (incl. compile) |")
+        print("\n| size | steps | old val loss | new val loss | new / old - 1 | old tok/s | new tok/s (incl. compile) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for label in args.train_sizes or args.sizes:
             r = train_pair(label, args)

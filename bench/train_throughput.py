@@ -104,8 +104,8 @@ def main() -> None:
     print(f"\nN = {count_params(cfg)['N']:,} (non-embedding), vocab {args.vocab}, batch {args.batch} x {args.seq}, {args.dtype}, "
           f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"measured {args.dtype} matmul peak: {peak / 1e9:,.0f} GFLOP/s\n")
-    print(f"| contender | tokens/s | vs transformers eager (median of rounds) | GFLOP/s | MFU |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| contender | tokens/s | vs transformers eager (median of rounds) | GFLOP/s | MFU |")
+    print("|---|---:|---:|---:|---:|")
     for name, ts in times.items():
         tok_s = tokens / min(ts)
         ratio = statistics.median(b / t for b, t in zip(times[base], ts))
