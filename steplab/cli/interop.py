@@ -30,10 +30,9 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from steplab.export.hf import import_hf
-
     from steplab.data.chat import end_id
     from steplab.data.tokenizer import Tokenizer
+    from steplab.export.hf import import_hf
 
     out = import_hf(args.dir, args.out)
     tok = Tokenizer.load(out / "tokenizer")

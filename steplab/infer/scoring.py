@@ -128,9 +128,9 @@ def check_continuations(engine, request, n_prompt: int) -> None:
 
 
 def pads_safely(engine, width: int) -> bool:
-    """Whether a padded batch of prompts up to ``width`` tokens gives each row its own prefill's logits
-    : not with document masking (a cache-free forward masks inside the prompt) nor
-    with a dynamic RoPE past its original length (its frequencies would follow the padded width)."""
+    """Whether a padded batch of prompts up to ``width`` tokens gives each row its own prefill's logits: not with
+    document masking (a cache-free forward masks inside the prompt) nor with a dynamic RoPE past its original
+    length (its frequencies would follow the padded width)."""
     cfg, rope = engine.model.cfg, getattr(engine.model, "rope", None)
     if getattr(cfg, "doc_mask_token", -1) >= 0:
         return False

@@ -7,6 +7,8 @@ state-dict adapter splits them on export.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -96,16 +98,15 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is None and upcast_attention(q):  # training/eval under CPU autocast at small head dims: fp32
-            with torch.autocast("cpu", enabled=False):
-                q, k, v = q.float(), k.float(), v.float()
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                y = self._sdpa(q, k, v, mask=None) if segments is None else self._sdpa_segments(q, k, v, segments)
-            return self.wo(y.to(torch.bfloat16).transpose(1, 2).reshape(B, T, -1))
+        upcast = cache is None and upcast_attention(q)  # training/eval under CPU autocast at small head dims: fp32
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the matmul dtype (bf16 under autocast): half the bytes
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = self._sdpa(q, k, v, mask=None) if segments is None else self._sdpa_segments(q, k, v, segments)
+            with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+                y = self._sdpa(q, k, v, mask=None) if segments is None else self._sdpa_segments(q, k, v, segments)
+            y = y.to(torch.bfloat16) if upcast else y
         else:
             # Write this step's keys/values at each row's own positions, then attend over the filled prefix.
             rows = slots[:, None]
