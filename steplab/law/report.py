@@ -318,3 +318,92 @@ def fit_report(table: RunsTable, result, outdir: str | Path) -> tuple[Path, Path
     for p in plots_for(table, result, outdir):
         rep.image(p.name, p.stem.replace("_", " "))
     return rep.write(outdir)
+
+
+# ----------------------------------------------------------------------------------------- quickstart
+
+def plot_quickstart_prediction(table, fit, summary: dict, predicted, ci, path: Path) -> Path:
+    """Sweep runs (loss vs compute, one colour per size, the fitted L(N, D) through each size), the fitted
+    compute-optimal frontier, and the planned run: predicted (with its interval) and measured."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    N, D, L = table["N"], table["D"], table["loss"]
+    C = 6 * N * D
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    sizes = np.unique(N)
+    C_big = summary["C_6ND"]
+    for i, n in enumerate(sizes):
+        m = N == n
+        color = cmap(i / max(1, len(sizes) - 1))
+        ax.scatter(C[m], L[m], color=color, s=22, zorder=3, label=f"N={n:,.0f}")
+        if fit is not None:  # the fitted law along this size's budgets
+            grid = np.logspace(np.log10(C[m].min()) - 0.1, np.log10(C[m].max()) + 0.1, 60)
+            ax.plot(grid, fit.predict(n, grid / (6 * n)), color=color, lw=0.8, alpha=0.7)
+    if fit is not None:
+        n_big = summary["N_active"]  # the law's N (= N for dense)
+        grid = np.logspace(np.log10(6 * n_big * D.min()), np.log10(C_big) + 0.05, 60)
+        ax.plot(grid, fit.predict(n_big, grid / (6 * n_big)), color="r", lw=0.8, alpha=0.7,
+                label=f"fitted law at the planned N={n_big:,}")
+        grid = np.logspace(np.log10(C.min()), np.log10(C_big) + 0.3, 100)
+        Nopt, Dopt = fit.allocation(grid)
+        ax.plot(grid, fit.predict(Nopt, Dopt), "r--", lw=1.2, label="fitted frontier (compute-optimal)")
+    if predicted is not None:
+        ax.errorbar([C_big], [predicted], yerr=[[predicted - ci[0]], [ci[1] - predicted]], fmt="o", mfc="none",
+                    color="r", ms=9, capsize=4, label=f"planned run: predicted {predicted:.3f}")
+    ax.scatter([C_big], [summary["val_loss"]], marker="x", color="k", s=70, zorder=4,
+               label=f"planned run: measured {summary['val_loss']:.3f}")
+    ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
+           title="quickstart: sweep, fit, and the planned run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def quickstart_report(out_dir: Path, table, fit, why, summary, predicted, ci, plan_note, big, target_C) -> Path:
+    """report.md/.html of `steplab quickstart`: the prediction against the measurement, the sweep, the fit, plots."""
+    rep = Report("steplab quickstart: predict, then train")
+    measured = summary["val_loss"]
+    if predicted is not None:
+        err = predicted / measured - 1
+        rep.paragraph(f"Predicted validation loss of the planned run: **{predicted:.4f}** (95% interval for one run "
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]: the law's bootstrap draws and a run's own scatter around the law, "
+                      f"as the sweep's runs show it); measured **{measured:.4f}**; relative error **{err:+.2%}**.")
+    else:
+        rep.paragraph(f"No prediction: {why}. Measured validation loss {measured:.4f}.")
+    rep.table(["", "planned run"], [
+        ["N (non-embedding)", f"{summary['N']:,}" + (f" total, {summary['N_active']:,} active (the law's N)"
+                                                     if summary["N_active"] != summary["N"] else "")],
+        ["D (tokens)", f"{summary['D']:,}"],
+        ["C = 6ND", f"{summary['C_6ND']:.3g} (target {target_C:.3g})"],
+        ["shape", "d_model {d_model}, {n_layer} layers, {n_head} heads, d_ff {d_ff}".format(**big["config"]["model"])],
+        ["lr, batch", f"{summary['lr']:.3g} (the sweep's lr rule), {summary['batch_tokens']:,} tokens (Step Law batch)"],
+        ["validation loss", f"{measured:.4f} nats/token, {summary['val_bpb']:.4f} bits per byte"],
+        ["training time", f"{summary['train_seconds']:.0f} s, {summary['tok_per_s']:,.0f} tokens/s"]])
+    if plan_note:
+        rep.paragraph(f"Note: {plan_note}")
+    rep.heading("The sweep")
+    order = np.lexsort((table["D"], table["N"]))
+    rep.table(["N", "D", "C", "lr", "batch tokens", "val loss", "fitted"],
+              [[f"{table['N'][i]:,.0f}", f"{table['D'][i]:,.0f}", f"{table['C'][i]:.3g}", f"{table['lr'][i]:.3g}",
+                f"{table['batch_tokens'][i]:,.0f}", f"{table['loss'][i]:.4f}",
+                "" if fit is None else f"{float(fit.predict(table['N'][i], table['D'][i])):.4f}"] for i in order])
+    rep.heading("The fit")
+    if fit is not None:
+        rep.code("\n".join(summary_lines(fit)))
+        for w in fit.warnings:
+            rep.paragraph(f"Warning: {w}")
+    else:
+        rep.paragraph(f"Not usable: {why}.")
+    rep.heading("Plots")
+    rep.image(plot_quickstart_prediction(table, fit, summary, predicted, ci, out_dir / "prediction.png").name,
+              "loss vs compute: sweep, fitted law and frontier, planned run")
+    if fit is not None:
+        rep.image(plot_fitted_vs_measured(table, fit, out_dir / "fitted_vs_measured.png").name, "fitted vs measured (sweep)")
+    rep.image("run/loss.png", "the planned run's loss curve")
+    rep.paragraph("Planned run directory: run/ (config.json, summary.json, metrics.jsonl, checkpoints); its train "
+                  "config: plan.toml; the sweep: sweep/runs.csv.")
+    md, _ = rep.write(out_dir)
+    return md
