@@ -378,6 +378,39 @@ def test_queue_full_is_503_with_retry_after(loaded):
     engine.stop()
 
 
+def test_cancelled_leftovers_wake_no_empty_step(loaded):
+    """Requests cancelled while the engine is busy are dropped without a step of their own: the step hook never
+    runs with nothing to do (the disconnect test below once saw a held engine with no request running because a
+    previous test's cancelled request had woken the loop)."""
+    import threading
+
+    _, model, tok = loaded
+    engine = Engine(model, tok, name=MODEL, max_batch=1, max_queue=4).start()
+    seen: list[int] = []  # requests running at each step hook
+    reached, go = threading.Event(), threading.Event()
+
+    def hook():
+        seen.append(engine.stats()["running"])
+        if not go.is_set():
+            reached.set()
+            go.wait()
+
+    engine.before_step = hook
+    try:
+        first = engine.submit(Request(_ids(tok, "a"), 200, temperature=1.0))
+        assert reached.wait(30), "the engine never took the first request"
+        second = engine.submit(Request(_ids(tok, "b"), 200, temperature=1.0))  # waits: the one slot is busy
+        first.cancel()
+        second.cancel()
+        go.set()
+        wait_for(lambda: engine.stats()["finished"].get("cancelled", 0) == 2, what="both requests to be cancelled")
+        assert engine.stats()["waiting"] == engine.stats()["running"] == 0
+        assert seen and all(n >= 1 for n in seen), f"a step ran with no request: running per step {seen}"
+    finally:
+        go.set()
+        engine.stop()
+
+
 def test_client_disconnect_cancels_generation(server):
     """Deterministic (no race between the model stopping and the client leaving): the engine is held with the
     request admitted but before its first step while the client goes away (test_serve_storm covers mid-stream)."""

@@ -254,6 +254,8 @@ class Engine:
                         break
                     self._drop_cancelled()
                     self._admit()
+                    if not (self._prefilling or self._running):
+                        continue  # all that woke the loop was cancelled: no empty step (and no test hook without work)
                 if self.before_step is not None:
                     self.before_step()
                 with torch.no_grad():
