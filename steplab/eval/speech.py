@@ -59,17 +59,17 @@ def train_digit_classifier(clips: list[Clip], seed: int = 0) -> DigitClassifier:
 class SpeechModel:
     """A trained speech LM run: transcribe waveforms, speak text (the library behind eval and serve)."""
 
-    def __init__(self, model: torch.nn.Module, vocab: SpeechVocab, name: str = "") -> None:
-        self.model, self.vocab, self.name = model.eval(), vocab, name
+    def __init__(self, model: torch.nn.Module, vocab: SpeechVocab, name: str = "", step: int = 0) -> None:
+        self.model, self.vocab, self.name, self.step = model.eval(), vocab, name, step
         self.lock = threading.Lock()  # the server runs one decode per model at a time
 
     @classmethod
-    def from_run(cls, run: str | Path, device: str = "auto") -> "SpeechModel":
+    def from_run(cls, run: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> "SpeechModel":
         from steplab.train.checkpoint import load_run
         from steplab.train.trainer import resolve_device
 
-        _, model, _, _ = load_run(run, device=resolve_device(device))
-        return cls(model, SpeechVocab.load(Path(run) / "tokenizer"), Path(run).name)
+        _, model, _, step = load_run(run, device=resolve_device(device), checkpoint=checkpoint)
+        return cls(model, SpeechVocab.load(Path(run) / "tokenizer"), Path(run).name, step)
 
     @property
     def context(self) -> int:
