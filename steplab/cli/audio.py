@@ -41,6 +41,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blank-stream", choices=["semantic", "acoustic"],
                    help="--task asr ablation: replace this stream's tokens by the codes of silence")
     g.add_argument("--tts-samples", type=int, default=10, help="--task tts: sampled utterances per digit")
+    g.add_argument("--tts-temperature", type=float, default=0.7, help="--task tts: sampling temperature")
     g.add_argument("--speech-split", choices=["test", "dev"], default="test",
                    help="--task asr: the test split (default) or the selection set carved from training (choose checkpoints on dev)")
     g.add_argument("--checkpoint", dest="speech_checkpoint", metavar="DIR",
@@ -106,7 +107,7 @@ def cmd_eval_speech(args) -> int:
         print(f"asr: {out['asr']['accuracy']:.1%} ({out['asr']['correct']}/{out['asr']['n']})")
     if "tts" in args.task:
         judge = train_digit_classifier(train)  # an independent classifier on real recordings
-        out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed)
+        out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed, temperature=args.tts_temperature)
         print(f"tts: {out['tts']['accuracy']:.1%} recognised by the independent classifier")
     print(json.dumps(out, indent=2))
     return 0

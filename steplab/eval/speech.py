@@ -127,15 +127,18 @@ def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None) -
             "examples": [{"ref": c.text, "hyp": h} for h, c in list(zip(hyps, clips))[:5]]}
 
 
-def tts_intelligibility(sm: SpeechModel, judge: DigitClassifier, samples: int = 10, seed: int = 0,
-                        words: list[str] = DIGITS) -> dict:
+def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0,
+                        words: list[str] = DIGITS, temperature: float = 0.7) -> dict:
+    """``judge``: anything with ``predict(wavs) -> texts`` (the independent classifier; a model's own ASR for
+    choosing sampler settings without touching the judge)."""
     wavs = []
     for k in range(samples):  # one seed per round, every word in the batch: deterministic per (seed, k)
-        wavs += sm.speak(list(words), seed=seed * 1000 + k)
+        wavs += sm.speak(list(words), seed=seed * 1000 + k, temperature=temperature)
     texts = [w for _ in range(samples) for w in words]
     heard = judge.predict(wavs)
+    heard = [normalise(h) for h in heard]
     per = {w: float(np.mean([h == t for h, t in zip(heard, texts) if t == w])) for w in words}
-    return {"accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
+    return {"temperature": temperature, "accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
             "mean_seconds": float(np.mean([len(w) / 8000 for w in wavs]))}
 
 
