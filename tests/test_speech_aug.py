@@ -100,3 +100,27 @@ def test_prepare_adds_augmented_asr_documents_only_to_train(tmp_path):
     assert again["train"] == aug["train"]  # seeded: the same renderings
     with pytest.raises(DataError, match="augment must be >= 0"):
         prepare_speech_data(clips[:6], clips[6:], tmp_path / "tok", tmp_path / "d3", augment=-1)
+
+
+def test_voted_transcription_is_deterministic_and_one_vote_is_plain_greedy():
+    from steplab.data.speech import espeak_available
+
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (run `make speech`)")
+    from speech_fixtures import tiny_speech_run
+    from steplab.eval.speech import SpeechModel, asr_accuracy, normalise, transcribe_voted
+
+    run, clips = tiny_speech_run()
+    sm = SpeechModel.from_run(run, device="cpu")
+    wavs = [c.wav for c in clips[:6]]
+    assert transcribe_voted(sm, wavs, 1) == sm.transcribe(wavs)
+    voted = transcribe_voted(sm, wavs, 3)
+    assert voted == transcribe_voted(sm, wavs, 3) and len(voted) == 6  # seeded renderings
+    # the rule, recomputed: the renderings come from one generator seeded 0, the majority wins, ties -> the clip's own
+    rng = np.random.default_rng(0)
+    hyps = [sm.transcribe(wavs)] + [sm.transcribe([perturb(Clip(w, "", "", 0), rng).wav for w in wavs]) for _ in range(2)]
+    for i, v in enumerate(voted):
+        cands = [normalise(h[i]) for h in hyps]
+        best = max(cands.count(c) for c in cands)
+        assert v == next(c for c in cands if cands.count(c) == best)
+    assert asr_accuracy(sm, clips[:6], votes=3)["votes"] == 3

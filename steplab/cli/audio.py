@@ -40,6 +40,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-holdout-speaker", help="evaluate on this speaker's clips (a leave-one-speaker-out run)")
     g.add_argument("--blank-stream", choices=["semantic", "acoustic"],
                    help="--task asr ablation: replace this stream's tokens by the codes of silence")
+    g.add_argument("--asr-votes", type=int, default=1,
+                   help="--task asr: majority vote over the clip and N-1 speed/shift-perturbed renderings (default 1: off)")
     g.add_argument("--tts-samples", type=int, default=10, help="--task tts: sampled utterances per digit")
     g.add_argument("--tts-temperature", type=float, default=0.7, help="--task tts: sampling temperature")
     g.add_argument("--speech-split", choices=["test", "dev"], default="test",
@@ -102,7 +104,9 @@ def cmd_eval_speech(args) -> int:
     out: dict = {"run": args.run, "step": sm.step, "source": args.speech_source, "split": args.speech_split,
                  "test_clips": len(test)}
     if "asr" in args.task:
-        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream)
+        if args.asr_votes < 1:
+            raise SystemExit(f"error: --asr-votes must be >= 1, got {args.asr_votes}")
+        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream, votes=args.asr_votes)
         out["asr"]["blank_stream"] = args.blank_stream
         print(f"asr: {out['asr']['accuracy']:.1%} ({out['asr']['correct']}/{out['asr']['n']})")
     if "tts" in args.task:

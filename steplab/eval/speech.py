@@ -115,14 +115,31 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip(" .,!?").split())
 
 
-def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None) -> dict:
-    hyps = sm.transcribe([c.wav for c in clips], blank=blank)
+def transcribe_voted(sm: SpeechModel, wavs: list[np.ndarray], votes: int = 1, blank: str | None = None,
+                     seed: int = 0) -> list[str]:
+    """Greedy transcripts; ``votes`` > 1: also transcribe ``votes - 1`` perturbed renderings of each clip (the
+    training augmentation: speed 0.9-1.1, a shift of up to 120 ms; seeded) and keep the most frequent transcript,
+    ties going to the unperturbed clip's. Test-time augmentation; still discrete audio tokens only."""
+    from collections import Counter
+
+    from steplab.data.speech import perturb
+
+    hyps = [sm.transcribe(wavs, blank=blank)]
+    rng = np.random.default_rng(seed)
+    for _ in range(votes - 1):
+        hyps.append(sm.transcribe([perturb(Clip(w, "", "", 0), rng).wav for w in wavs], blank=blank))
+    return [Counter(normalise(h[i]) for h in hyps).most_common(1)[0][0] if votes > 1 else hyps[0][i]
+            for i in range(len(wavs))]
+
+
+def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None, votes: int = 1) -> dict:
+    hyps = transcribe_voted(sm, [c.wav for c in clips], votes, blank)
     per = defaultdict(lambda: [0, 0])
     for h, c in zip(hyps, clips):
         per[c.speaker][0] += normalise(h) == normalise(c.text)
         per[c.speaker][1] += 1
     correct = sum(v[0] for v in per.values())
-    return {"accuracy": correct / len(clips), "correct": correct, "n": len(clips),
+    return {"accuracy": correct / len(clips), "correct": correct, "n": len(clips), "votes": votes,
             "per_speaker": {s: round(v[0] / v[1], 4) for s, v in sorted(per.items())},
             "examples": [{"ref": c.text, "hyp": h} for h, c in list(zip(hyps, clips))[:5]]}
 
