@@ -46,6 +46,10 @@ def _pipeline(wav_dir, tmp_path, capsys):
                  str(tmp_path / "data"), "--seq-len", "128"]) == 0
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert meta["train"]["clips"] == 24 and meta["val"]["clips"] == 12  # repetitions 3-4 of 3-8 are the test split
+    assert main(["data", "prepare", "--source", src, "--speech-tokenizer", str(tmp_path / "tok"), "--out",
+                 str(tmp_path / "data_aug"), "--seq-len", "128", "--augment", "1"]) == 0
+    aug = json.loads((tmp_path / "data_aug" / "meta.json").read_text())
+    assert aug["augment"] == 1 and aug["train"]["documents"] == 24 * 3 and aug["val"] == meta["val"]
     common = ["--preset", "step1-nano", "--data", str(tmp_path / "data"), "--set", "data.seq_len=128", "--set",
               "model.max_seq_len=128", "--set", "model.d_model=64", "--set", "model.n_layer=2", "--set",
               "train.batch_size=4", "--set", "train.threads=1", "--set", "train.dtype=fp32", "--set",
@@ -61,7 +65,12 @@ def _pipeline(wav_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "full"), "--task", "asr", "--speech-source", src, "--device", "cpu"]) == 0
     res = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert res["asr"]["n"] == 12 and set(res["asr"]["per_speaker"]) == {"alice", "bob"}
-    assert 0.0 <= res["asr"]["accuracy"] <= 1.0
+    assert 0.0 <= res["asr"]["accuracy"] <= 1.0 and res["step"] == 6 and res["split"] == "test"
+    # checkpoint selection happens on a dev split carved from the training recordings (repetitions 5-9), never test
+    assert main(["eval", str(tmp_path / "full"), "--task", "asr", "--speech-source", src, "--device", "cpu",
+                 "--speech-split", "dev", "--checkpoint", str(tmp_path / "full" / "checkpoints" / "step_00000003")]) == 0
+    res = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert res["step"] == 3 and res["split"] == "dev" and res["asr"]["n"] == 24
 
 
 def test_audio_that_is_not_audio_is_one_clear_error(tmp_path, capsys):

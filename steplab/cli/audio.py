@@ -10,10 +10,15 @@ def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speech (--audio)")
     g.add_argument("--audio", action="store_true",
                    help="train the dual-codebook speech tokenizer instead (--source fsdd[:PATH] | espeak | fsdd+espeak)")
-    g.add_argument("--semantic-codes", type=int, default=256, help="k-means codes of the 16.7 Hz semantic stream")
+    g.add_argument("--semantic-codes", type=int, default=512, help="k-means codes of the 16.7 Hz semantic stream")
+    g.add_argument("--semantic-features", choices=["mfcc20d", "logmel"], default="mfcc20d",
+                   help="what the semantic k-means clusters: normalised MFCCs + deltas (default) or log-mel")
     g.add_argument("--codebooks", type=int, default=2, help="residual codebooks of the 25 Hz acoustic stream")
     g.add_argument("--codebook-size", type=int, default=256)
     g.add_argument("--steps", type=int, default=1500, help="acoustic autoencoder training steps")
+    g.add_argument("--codec-loss", choices=["mse", "l1"], default="mse", help="acoustic autoencoder reconstruction loss")
+    g.add_argument("--codec-dim", type=int, default=128, help="acoustic autoencoder conv channels")
+    g.add_argument("--codec-latent", type=int, default=32, help="acoustic autoencoder quantised vector size")
     g.add_argument("--holdout-speaker", help="leave this speaker out (its clips are the test set)")
 
 
@@ -22,6 +27,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speech-tokenizer", metavar="DIR", help="prepare ASR+TTS token data from --source speech with this speech tokenizer")
     g.add_argument("--seq-len", type=int, default=256, help="speech: window length the documents are packed into")
     g.add_argument("--holdout-speaker", dest="speech_holdout", help="speech: leave this speaker out (val = its clips)")
+    g.add_argument("--augment", type=int, default=0,
+                   help="speech: extra speed-perturbed, time-shifted ASR renderings per training clip")
+    g.add_argument("--speech-dev", action="store_true",
+                   help="speech: val = a selection set carved from the training recordings (FSDD repetitions 5-9, "
+                        "espeak take 3), left out of train; the test split stays unseen")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +40,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-holdout-speaker", help="evaluate on this speaker's clips (a leave-one-speaker-out run)")
     g.add_argument("--blank-stream", choices=["semantic", "acoustic"],
                    help="--task asr ablation: replace this stream's tokens by the codes of silence")
+    g.add_argument("--asr-votes", type=int, default=1,
+                   help="--task asr: majority vote over the clip and N-1 speed/shift-perturbed renderings (default 1: off)")
     g.add_argument("--tts-samples", type=int, default=10, help="--task tts: sampled utterances per digit")
+    g.add_argument("--tts-temperature", type=float, default=0.7, help="--task tts: sampling temperature")
+    g.add_argument("--speech-split", choices=["test", "dev"], default="test",
+                   help="--task asr: the test split (default) or the selection set carved from training (choose checkpoints on dev)")
+    g.add_argument("--checkpoint", dest="speech_checkpoint", metavar="DIR",
+                   help="--task asr/tts: a specific checkpoint directory of the run (default: the latest)")
 
 
 def cmd_tokenizer_train_audio(args) -> int:
@@ -39,8 +56,9 @@ def cmd_tokenizer_train_audio(args) -> int:
     from steplab.models.audio import CodecConfig
 
     train, test = split_clips(load_corpus(args.source), args.holdout_speaker)
-    cfg = SpeechTokenizerConfig(semantic_codes=args.semantic_codes, steps=args.steps,
-                                codec=CodecConfig(n_q=args.codebooks, codebook_size=args.codebook_size))
+    cfg = SpeechTokenizerConfig(semantic_codes=args.semantic_codes, semantic_features=args.semantic_features, steps=args.steps,
+                                codec=CodecConfig(n_q=args.codebooks, codebook_size=args.codebook_size, dim=args.codec_dim,
+                                                  latent=args.codec_latent, recon_loss=args.codec_loss))
     print(f"{len(train)} training clips ({len(test)} held out)")
     tok = train_speech_tokenizer(train, cfg, progress=True)
     tok.save(args.out)
@@ -51,12 +69,15 @@ def cmd_tokenizer_train_audio(args) -> int:
 
 
 def cmd_prepare_speech(args) -> int:
-    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech import dev_split, load_corpus, split_clips
     from steplab.data.speech_lm import prepare_speech_data
 
     train, val = split_clips(load_corpus(args.source), args.speech_holdout)
+    if args.speech_dev:
+        train, val = dev_split(train)
     meta = prepare_speech_data(train, val, args.speech_tokenizer, args.out, text_tokenizer=args.tokenizer,
-                               seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force)
+                               seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force,
+                               augment=args.augment)
     for split in ("train", "val"):
         s = meta[split]
         print(f"{split}: {s['clips']:,} clips, {s['documents']:,} documents, {s['tokens']:,} tokens")
@@ -69,7 +90,7 @@ def wants_speech(args) -> bool:
 
 
 def cmd_eval_speech(args) -> int:
-    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech import dev_split, load_corpus, split_clips
     from steplab.eval.speech import SpeechModel, asr_accuracy, tts_intelligibility, train_digit_classifier
 
     unknown = set(args.task) - {"asr", "tts"}
@@ -77,15 +98,20 @@ def cmd_eval_speech(args) -> int:
         raise SystemExit(f"error: --task asr/tts cannot be combined with {sorted(unknown)}; run them separately")
     clips = load_corpus(args.speech_source)
     train, test = split_clips(clips, args.eval_holdout_speaker)
-    sm = SpeechModel.from_run(args.run, device=args.device)
-    out: dict = {"run": args.run, "source": args.speech_source, "test_clips": len(test)}
+    if args.speech_split == "dev":
+        train, test = dev_split(train)
+    sm = SpeechModel.from_run(args.run, device=args.device, checkpoint=args.speech_checkpoint)
+    out: dict = {"run": args.run, "step": sm.step, "source": args.speech_source, "split": args.speech_split,
+                 "test_clips": len(test)}
     if "asr" in args.task:
-        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream)
+        if args.asr_votes < 1:
+            raise SystemExit(f"error: --asr-votes must be >= 1, got {args.asr_votes}")
+        out["asr"] = asr_accuracy(sm, test, blank=args.blank_stream, votes=args.asr_votes)
         out["asr"]["blank_stream"] = args.blank_stream
         print(f"asr: {out['asr']['accuracy']:.1%} ({out['asr']['correct']}/{out['asr']['n']})")
     if "tts" in args.task:
         judge = train_digit_classifier(train)  # an independent classifier on real recordings
-        out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed)
+        out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed, temperature=args.tts_temperature)
         print(f"tts: {out['tts']['accuracy']:.1%} recognised by the independent classifier")
     print(json.dumps(out, indent=2))
     return 0

@@ -240,6 +240,26 @@ def deinterleave(ids: np.ndarray, n_q: int) -> tuple[np.ndarray, np.ndarray]:
     return groups[:, :2].reshape(-1), groups[:, 2:].reshape(3 * g, n_q)
 
 
+def perturb(clip: Clip, rng: np.random.Generator, speed: tuple[float, float] = (0.9, 1.1),
+            max_shift: int = GROUP_FRAMES * HOP) -> Clip:
+    """One augmented rendering of a training clip, as ASR recipes do: speed perturbation (resampling: tempo and
+    pitch change together, Ko et al. 2015) by a factor drawn from ``speed``, then 0..``max_shift`` samples of
+    leading silence, which moves the clip against the 60 ms / 40 ms token grids so the same word gets new codes."""
+    sr_in = int(round(SAMPLE_RATE * float(rng.uniform(*speed)) / 100)) * 100  # 100 Hz steps keep the filter short
+    factor = sr_in / SAMPLE_RATE
+    wav = resample(clip.wav, sr_in)  # read as if recorded at sr_in, written at 8 kHz: factor x faster
+    shift = int(rng.integers(0, max_shift + 1))
+    wav = np.concatenate([np.zeros(shift, dtype=np.float32), wav])
+    return Clip(wav, clip.text, clip.speaker, clip.index, f"{clip.name}~x{factor:.4f}+{shift}")
+
+
+def dev_split(train: list[Clip]) -> tuple[list[Clip], list[Clip]]:
+    """Carve a selection set out of the training recordings (never the test split): FSDD repetitions 5-9 of
+    each speaker and digit, espeak-ng take 3 of each voice and word. Returns (rest of train, dev)."""
+    is_dev = lambda c: c.index == 3 if c.speaker.startswith("espeak:") else 5 <= c.index < 10  # noqa: E731
+    return [c for c in train if not is_dev(c)], [c for c in train if is_dev(c)]
+
+
 def split_clips(clips: list[Clip], holdout_speaker: str | None = None) -> tuple[list[Clip], list[Clip]]:
     """(train, test). Default: FSDD's official split (repetitions 0-4 are test); espeak-ng clips keep take 4 of
     each voice and word for test. ``holdout_speaker``: that speaker's clips are the test set (leave-one-out)."""

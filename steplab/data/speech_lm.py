@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from steplab.data.shards import ShardWriter, dtype_for_vocab
-from steplab.data.speech import Clip
+from steplab.data.speech import Clip, perturb
 from steplab.data.speech_tokenizer import SpeechTokenizer
 from steplab.data.tokenizer import Tokenizer, train_tokenizer
 from steplab.errors import DataError
@@ -89,7 +89,11 @@ class SpeechVocab:
 
     def speech_documents(self, clip: Clip) -> tuple[list[int], list[int]]:
         audio, text, eos = self.audio_ids(clip.wav), self.text.encode(clip.text), self.text.eos_id
-        return self.asr_prompt(clip.wav) + text + [eos], [*self.tts_prompt(clip.text), *audio, self.close_id, eos]
+        asr = [self.text.bos_id, self.open_id, *audio, self.close_id, *text, eos]
+        return asr, [*self.tts_prompt(clip.text), *audio, self.close_id, eos]
+
+    def asr_document(self, clip: Clip) -> list[int]:
+        return self.asr_prompt(clip.wav) + self.text.encode(clip.text) + [self.text.eos_id]
 
 
 def transcript_tokenizer(texts: list[str], vocab_size: int = 300) -> Tokenizer:
@@ -115,8 +119,13 @@ def pack(docs: list[list[int]], seq_len: int, pad_id: int) -> np.ndarray:
 
 def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Path, out_dir: str | Path, *,
                         text_tokenizer: str | None = None, seq_len: int = 256, packings: int = 4, seed: int = 0,
-                        source: str = "", force: bool = False) -> dict:
-    """Write a prepared dataset (tokenizer/ with the audio block and speech/, train/, val/, meta.json)."""
+                        source: str = "", force: bool = False, augment: int = 0) -> dict:
+    """Write a prepared dataset (tokenizer/ with the audio block and speech/, train/, val/, meta.json).
+
+    ``augment``: extra ASR documents per training clip, each from a speed-perturbed, time-shifted rendering
+    (``data/speech.perturb``); TTS documents keep the real recordings, so the model learns to speak like them."""
+    if augment < 0:
+        raise DataError(f"augment must be >= 0 (extra renderings per training clip), got {augment}")
     if not train or not val:
         raise DataError(f"speech data needs train and val clips, got {len(train)} and {len(val)}")
     t0 = time.time()
@@ -124,7 +133,7 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
     vocab = SpeechVocab.build(text, SpeechTokenizer.load(speech_dir))
     rng = np.random.default_rng(seed)
     meta = {"source": source, "kind": "speech", "seq_len": seq_len, "vocab_size": vocab.text.vocab_size,
-            "audio_base": vocab.base, "bitrate": vocab.speech.bitrate()}
+            "audio_base": vocab.base, "bitrate": vocab.speech.bitrate(), "augment": augment}
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -134,6 +143,9 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
         vocab.save(tmp / "tokenizer")
         for split, clips in (("train", train), ("val", val)):
             docs = [d for c in clips for d in vocab.speech_documents(c)]
+            if split == "train" and augment > 0:
+                aug_rng = np.random.default_rng(seed + 1)
+                docs += [vocab.asr_document(perturb(c, aug_rng)) for c in clips for _ in range(augment)]
             writer = ShardWriter(tmp / split, dtype=dtype_for_vocab(vocab.text.vocab_size))
             for k in range(packings if split == "train" else 1):
                 order = rng.permutation(len(docs)) if split == "train" else np.arange(len(docs))

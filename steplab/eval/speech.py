@@ -59,17 +59,17 @@ def train_digit_classifier(clips: list[Clip], seed: int = 0) -> DigitClassifier:
 class SpeechModel:
     """A trained speech LM run: transcribe waveforms, speak text (the library behind eval and serve)."""
 
-    def __init__(self, model: torch.nn.Module, vocab: SpeechVocab, name: str = "") -> None:
-        self.model, self.vocab, self.name = model.eval(), vocab, name
+    def __init__(self, model: torch.nn.Module, vocab: SpeechVocab, name: str = "", step: int = 0) -> None:
+        self.model, self.vocab, self.name, self.step = model.eval(), vocab, name, step
         self.lock = threading.Lock()  # the server runs one decode per model at a time
 
     @classmethod
-    def from_run(cls, run: str | Path, device: str = "auto") -> "SpeechModel":
+    def from_run(cls, run: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> "SpeechModel":
         from steplab.train.checkpoint import load_run
         from steplab.train.trainer import resolve_device
 
-        _, model, _, _ = load_run(run, device=resolve_device(device))
-        return cls(model, SpeechVocab.load(Path(run) / "tokenizer"), Path(run).name)
+        _, model, _, step = load_run(run, device=resolve_device(device), checkpoint=checkpoint)
+        return cls(model, SpeechVocab.load(Path(run) / "tokenizer"), Path(run).name, step)
 
     @property
     def context(self) -> int:
@@ -115,27 +115,47 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip(" .,!?").split())
 
 
-def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None) -> dict:
-    hyps = sm.transcribe([c.wav for c in clips], blank=blank)
+def transcribe_voted(sm: SpeechModel, wavs: list[np.ndarray], votes: int = 1, blank: str | None = None,
+                     seed: int = 0) -> list[str]:
+    """Greedy transcripts; ``votes`` > 1: also transcribe ``votes - 1`` perturbed renderings of each clip (the
+    training augmentation: speed 0.9-1.1, a shift of up to 120 ms; seeded) and keep the most frequent transcript,
+    ties going to the unperturbed clip's. Test-time augmentation; still discrete audio tokens only."""
+    from collections import Counter
+
+    from steplab.data.speech import perturb
+
+    hyps = [sm.transcribe(wavs, blank=blank)]
+    rng = np.random.default_rng(seed)
+    for _ in range(votes - 1):
+        hyps.append(sm.transcribe([perturb(Clip(w, "", "", 0), rng).wav for w in wavs], blank=blank))
+    return [Counter(normalise(h[i]) for h in hyps).most_common(1)[0][0] if votes > 1 else hyps[0][i]
+            for i in range(len(wavs))]
+
+
+def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None, votes: int = 1) -> dict:
+    hyps = transcribe_voted(sm, [c.wav for c in clips], votes, blank)
     per = defaultdict(lambda: [0, 0])
     for h, c in zip(hyps, clips):
         per[c.speaker][0] += normalise(h) == normalise(c.text)
         per[c.speaker][1] += 1
     correct = sum(v[0] for v in per.values())
-    return {"accuracy": correct / len(clips), "correct": correct, "n": len(clips),
+    return {"accuracy": correct / len(clips), "correct": correct, "n": len(clips), "votes": votes,
             "per_speaker": {s: round(v[0] / v[1], 4) for s, v in sorted(per.items())},
             "examples": [{"ref": c.text, "hyp": h} for h, c in list(zip(hyps, clips))[:5]]}
 
 
-def tts_intelligibility(sm: SpeechModel, judge: DigitClassifier, samples: int = 10, seed: int = 0,
-                        words: list[str] = DIGITS) -> dict:
+def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0,
+                        words: list[str] = DIGITS, temperature: float = 0.7) -> dict:
+    """``judge``: anything with ``predict(wavs) -> texts`` (the independent classifier; a model's own ASR for
+    choosing sampler settings without touching the judge)."""
     wavs = []
     for k in range(samples):  # one seed per round, every word in the batch: deterministic per (seed, k)
-        wavs += sm.speak(list(words), seed=seed * 1000 + k)
+        wavs += sm.speak(list(words), seed=seed * 1000 + k, temperature=temperature)
     texts = [w for _ in range(samples) for w in words]
     heard = judge.predict(wavs)
+    heard = [normalise(h) for h in heard]
     per = {w: float(np.mean([h == t for h, t in zip(heard, texts) if t == w])) for w in words}
-    return {"accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
+    return {"temperature": temperature, "accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
             "mean_seconds": float(np.mean([len(w) / 8000 for w in wavs]))}
 
 

@@ -26,6 +26,7 @@ class CodecConfig:
     codebook_size: int = 256
     decay: float = 0.95  # EMA of codebook statistics
     commitment: float = 0.25
+    recon_loss: str = "mse"  # "mse" | "l1" (less over-smoothing of the mel; measured in docs/benchmarks.md, issue 20)
 
 
 class ResidualVQ(nn.Module):
@@ -110,7 +111,8 @@ class AcousticCodec(nn.Module):
 
     def loss(self, mel: torch.Tensor) -> torch.Tensor:
         recon, commit = self(mel)
-        return F.mse_loss(recon, mel) + self.cfg.commitment * commit
+        rec = F.l1_loss(recon, mel) if self.cfg.recon_loss == "l1" else F.mse_loss(recon, mel)
+        return rec + self.cfg.commitment * commit
 
     @torch.no_grad()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
