@@ -47,7 +47,7 @@ class SpeechTokenizerConfig:
     semantic_codes: int = 512
     semantic_features: str = "mfcc20d"  # "mfcc20d" | "logmel" (tokenizers saved before this field: logmel)
     codec: CodecConfig = field(default_factory=CodecConfig)
-    steps: int = 1500  # codec training steps
+    steps: int = 6000  # codec training steps: at 1,500 the decoder capped TTS intelligibility at 59% (87% at 6,000)
     batch_size: int = 32
     crop_frames: int = 48  # training crops (multiple of GROUP_FRAMES)
     lr: float = 2e-3
