@@ -81,19 +81,20 @@ class SpeechVocab:
     def audio_ids(self, wav: np.ndarray, blank: str | None = None) -> list[int]:
         return self.speech.to_ids(wav, self.base, blank)
 
-    def asr_prompt(self, wav: np.ndarray, blank: str | None = None) -> list[int]:
-        return [self.text.bos_id, self.open_id, *self.audio_ids(wav, blank), self.close_id]
+    def asr_prompt(self, wav: np.ndarray, blank: str | None = None, audio: list[int] | None = None) -> list[int]:
+        """``audio``: the clip's ids when already computed (tokenising a waveform is the costly part)."""
+        return [self.text.bos_id, self.open_id, *(self.audio_ids(wav, blank) if audio is None else audio), self.close_id]
 
     def tts_prompt(self, text: str) -> list[int]:
         return [self.text.bos_id, *self.text.encode(text), self.open_id]
 
-    def speech_documents(self, clip: Clip) -> tuple[list[int], list[int]]:
-        audio, text, eos = self.audio_ids(clip.wav), self.text.encode(clip.text), self.text.eos_id
-        asr = [self.text.bos_id, self.open_id, *audio, self.close_id, *text, eos]
-        return asr, [*self.tts_prompt(clip.text), *audio, self.close_id, eos]
+    def asr_document(self, clip: Clip, audio: list[int] | None = None) -> list[int]:
+        return self.asr_prompt(clip.wav, audio=audio) + self.text.encode(clip.text) + [self.text.eos_id]
 
-    def asr_document(self, clip: Clip) -> list[int]:
-        return self.asr_prompt(clip.wav) + self.text.encode(clip.text) + [self.text.eos_id]
+    def speech_documents(self, clip: Clip) -> tuple[list[int], list[int]]:
+        """(ASR document, TTS document) of one clip, its audio tokenised once."""
+        audio = self.audio_ids(clip.wav)
+        return self.asr_document(clip, audio), [*self.tts_prompt(clip.text), *audio, self.close_id, self.text.eos_id]
 
 
 def transcript_tokenizer(texts: list[str], vocab_size: int = 300) -> Tokenizer:
