@@ -7,6 +7,13 @@ One process, same threads, same random batches, the same fused AdamW for every c
 every contender (interleaved, so background load hits all alike); the best round of each is reported, plus
 the median of the per-round ratios. MFU divides model FLOPs/token x tokens/s by the bf16 (or fp32) matmul
 peak measured in this same run (2048^3 matmul). Default shape: ~25.7M N (step1-mini).
+
+The roofline (printed after the table): the step's own matmuls, each timed alone at its exact shape (every
+nn.Linear's forward GEMM and its two backward GEMMs, and the attention forward + backward through SDPA), best
+of ``--rounds``. Their sum is the time the step would take if it did nothing but those matmuls at the rate this
+CPU reaches on those shapes: step time / roofline says how much goes to everything else (norms, RoPE, SiLU,
+the loss, the optimizer, framework overhead), and roofline FLOP/s / peak how far the shapes themselves are from
+the 2048^3 peak.
 """
 from __future__ import annotations
 
@@ -37,6 +44,49 @@ def make_step(model, loss_fn, dtype, fused: bool):
     return step
 
 
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def roofline(model, cfg: ModelConfig, x: torch.Tensor, dtype: str, repeats: int) -> list[tuple[str, float, float]]:
+    """(name, FLOPs, best seconds) of every matmul in one training step of ``model`` on batch ``x``, at its shape."""
+    shapes: list[tuple[str, int, int, int]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, i[0].numel() // i[0].shape[-1],
+                                                                               m.in_features, m.out_features)))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    out = []
+    for name, M, K, N in shapes:  # forward x W^T, backward dX = dY W and dW = dY^T x: three GEMMs of 2 M K N
+        a, w, g = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(M, N, dtype=dt)
+        secs = (_best(lambda: a @ w.t(), repeats) + _best(lambda: g @ w, repeats) + _best(lambda: g.t() @ a, repeats))
+        out.append((name.rsplit(".", 1)[-1] if "layers" in name else name, 6 * M * K * N, secs))
+    B, T = x.shape
+    hd, kv = cfg.d_model // cfg.n_head, cfg.n_kv_head or cfg.n_head
+    # attention runs in the dtype the model's rule picks under autocast (steplab.models.common.upcast_attention)
+    from steplab.models.common import FP32_ATTENTION_MAX_HEAD_DIM
+    adt = torch.float32 if dtype == "fp32" or hd <= FP32_ATTENTION_MAX_HEAD_DIM else torch.bfloat16
+    q = torch.randn(B, cfg.n_head, T, hd, dtype=adt, requires_grad=True)
+    k, v = (torch.randn(B, kv, T, hd, dtype=adt, requires_grad=True) for _ in range(2))
+
+    def attn():
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != cfg.n_head)
+        y.backward(torch.ones_like(y))
+
+    # causal: half of QK^T and PV; backward twice the forward
+    out += [("attention (SDPA fwd+bwd)", cfg.n_layer * 3 * 2 * 2 * B * cfg.n_head * T * T * hd // 2, cfg.n_layer * _best(attn, repeats))]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d-model", type=int, default=512)
@@ -50,6 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-roofline", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -118,6 +169,24 @@ def main() -> None:
     for label, a, b in pairs:
         ratio = statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
         print(f"steplab / transformers, {label}: {ratio:.2f}x (median of {args.rounds} per-round ratios)")
+    if not args.no_roofline:
+        rows = roofline(ours, cfg, x, args.dtype, repeats=args.rounds)
+        flops_r, secs_r = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        per: dict[str, list[float]] = {}
+        for name, f, s in rows:
+            per.setdefault(name, [0.0, 0.0])
+            per[name][0] += f
+            per[name][1] += s
+        print("\nroofline: the step's own matmuls, each timed alone at its shape (forward + both backward GEMMs)")
+        print("| matmul | GFLOP per step | ms at its shape | GFLOP/s | of the peak |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (f, s) in per.items():
+            print(f"| {name} | {f / 1e9:.2f} | {s * 1e3:.1f} | {f / s / 1e9:,.0f} | {f / s / peak:.1%} |")
+        print(f"| **all** | {flops_r / 1e9:.2f} | {secs_r * 1e3:.1f} | {flops_r / secs_r / 1e9:,.0f} | {flops_r / secs_r / peak:.1%} |")
+        for name, ts in times.items():
+            if name.startswith("steplab"):
+                print(f"{name}: step {min(ts) * 1e3:.1f} ms = {min(ts) / secs_r:.2f}x the roofline "
+                      f"({secs_r / min(ts):.0%} of the step is the matmuls at their shapes' rate)")
 
 
 if __name__ == "__main__":

@@ -263,8 +263,16 @@ def test_eval_batches_sequential(arange_shards) -> None:
     batches = list(iter_eval_batches(arange_shards, 16, 4))
     assert [window_ids(x) for x, _ in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert all((y[:, :-1] == x[:, 1:]).all() for x, y in batches)
-    again = list(iter_eval_batches(arange_shards, 16, 4, max_batches=2))
-    assert len(again) == 2 and all((a[0] == b[0]).all() for a, b in zip(batches, again))
+    again = list(iter_eval_batches(arange_shards, 16, 4, max_batches=3))  # the cap holds all 10 windows
+    assert len(again) == 3 and all((a[0] == b[0]).all() for a, b in zip(batches, again))
+
+
+def test_capped_eval_batches_spread_over_the_split(arange_shards) -> None:
+    # a cap below the split's size takes full batches of windows spread evenly over all of it, not the first ones
+    capped = list(iter_eval_batches(arange_shards, 16, 3, max_batches=2))
+    assert [window_ids(x) for x, _ in capped] == [[0, 1, 3], [5, 6, 8]]
+    assert all((y[:, :-1] == x[:, 1:]).all() and (x[:, 1:] - x[:, :-1] == 1).all() for x, y in capped)
+    assert [window_ids(x) for x, _ in iter_eval_batches(arange_shards, 16, 3, max_batches=2)] == [[0, 1, 3], [5, 6, 8]]
 
 
 # ---------------------------------------------------------------------------- prepare
