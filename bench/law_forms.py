@@ -1,4 +1,4 @@
-"""Farseer vs Chinchilla: extrapolation error with the largest-compute runs held out, on our sweeps and on
+"""Chinchilla vs Farseer vs Kaplan: extrapolation error with the largest-compute runs held out, on our sweeps and on
 public scaling tables (../shared/data/scaling_laws, each with SOURCE.txt; the tables stay there).
 
 For each table: keep one data distribution, take the best loss per (N, D) cell, hold out the K runs of
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from steplab.errors import FitError  # noqa: E402
 from steplab.law.fit import FitWarning, fit_parametric  # noqa: E402
 from steplab.law.farseer import fit_farseer  # noqa: E402
+from steplab.law.kaplan import fit_kaplan  # noqa: E402
 from steplab.law.tables import best_per_cell, load_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +42,13 @@ def compare(table, name: str, n_bootstrap: int, seed: int = 0) -> list[dict]:
     N, D, L = table["N"], table["D"], table["loss"]
     k = max(2, round(0.2 * len(N)))
     out = []
-    for form in ("chinchilla", "farseer"):
+    for form, fit_form in (("chinchilla", fit_parametric), ("farseer", fit_farseer), ("kaplan", fit_kaplan)):
         t = time.time()
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", FitWarning)
                 warnings.simplefilter("ignore", RuntimeWarning)
-                fit = (fit_parametric if form == "chinchilla" else fit_farseer)(N, D, L, holdout=k, seed=seed,
-                                                                                n_bootstrap=n_bootstrap)
+                fit = fit_form(N, D, L, holdout=k, seed=seed, n_bootstrap=n_bootstrap)
         except FitError as e:
             out.append({"table": name, "form": form, "error": str(e)})
             continue

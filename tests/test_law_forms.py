@@ -1,4 +1,4 @@
-"""Farseer next to Chinchilla, and plans within the data (Muennighoff et al.'s repeated-epoch law)."""
+"""Farseer and Kaplan next to Chinchilla, and plans within the data (Muennighoff et al.'s repeated-epoch law)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,8 @@ from steplab.cli import main
 from steplab.errors import ConfigError, FitError
 from steplab.law.data_limits import R_STAR, data_plan, effective_tokens, line_optimum
 from steplab.law.farseer import _predict, fit_farseer
+from steplab.law.fit import fit_parametric
+from steplab.law.kaplan import fit_kaplan
 from steplab.law.plan import coefficients_fit, plan
 
 TRUE = np.array([0.3, np.log(0.3), -0.2, 0.1, np.log(1.5), -0.3, -0.1, np.log(2.5), -0.4])
@@ -48,6 +50,49 @@ def test_farseer_needs_data_and_cli_form(tmp_path, capsys):
 
     lines = summary_lines(fit_farseer(N, D, L, n_bootstrap=3, n_starts=2))
     assert lines[0].startswith("Farseer form") and any("data exponent beta(N)" in x for x in lines)
+
+
+KAPLAN = (np.log(8e13), np.log(5e13), 0.076, 0.095)  # Kaplan et al. 2020's fitted Nc, Dc, alpha_N, alpha_D
+
+
+def kaplan_loss(N, D):
+    lnc, ldc, aN, aD = KAPLAN
+    return ((np.exp(lnc) / N) ** (aN / aD) + np.exp(ldc) / D) ** aD
+
+
+def test_kaplan_recovers_its_law_where_chinchilla_cannot():
+    N = np.repeat([1e5, 2e5, 4e5, 8e5, 1.6e6], 4)
+    D = np.tile([1e6, 2e6, 4e6, 8e6], 5)
+    L = kaplan_loss(N, D) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(N)))
+    fit = fit_kaplan(N, D, L, n_bootstrap=20, holdout=3)
+    assert fit.n == 17 and fit.rmse_log < 0.003
+    assert fit.alpha == pytest.approx(KAPLAN[2], rel=0.15) and fit.beta == pytest.approx(KAPLAN[3], rel=0.15)
+    assert max(abs(h["rel_err"]) for h in fit.holdout) < 0.01  # the 3 largest-compute runs, unseen
+    lo, hi = fit.predict_interval([3.2e6], [1.6e7])
+    assert lo[0] < kaplan_loss(3.2e6, 1.6e7) < hi[0]
+    rlo, rhi = fit.predict_run_interval([3.2e6], [1.6e7])
+    assert rlo[0] < lo[0] and rhi[0] > hi[0]  # one run's interval adds its scatter to the law's
+    # the additive form cannot follow the N x D interaction: a worse fit on the same points
+    chin = fit_parametric(N, D, L, n_bootstrap=0, holdout=3)
+    assert chin.rmse_log > 1.5 * fit.rmse_log
+
+
+def test_kaplan_errors_and_cli_form(tmp_path, capsys):
+    N = np.repeat([1e5, 4e5, 1.6e6], 3)
+    D = np.tile([1e6, 4e6, 1.6e7], 3)
+    L = kaplan_loss(N, D)
+    with pytest.raises(FitError, match="4 parameters need at least 6 runs"):
+        fit_kaplan(N[:5], D[:5], L[:5], n_bootstrap=0)
+    with pytest.raises(FitError, match="needs at least 6 of the 9 runs left"):
+        fit_kaplan(N, D, L, n_bootstrap=0, holdout=4)
+    table = tmp_path / "runs.csv"
+    table.write_text("N,D,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in zip(N, D, L)))
+    assert main(["law", "fit", str(table), "--form", "kaplan", "--bootstrap", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "kaplan" and out["quality"]["rmse_log_loss"] < 1e-4
+    assert out["alpha_N"] == pytest.approx(KAPLAN[2], rel=1e-3)
+    assert main(["law", "fit", str(table), "--form", "kaplan", "--bootstrap", "0"]) == 0
+    assert "Kaplan form" in capsys.readouterr().out
 
 
 LAW = coefficients_fit(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.28)

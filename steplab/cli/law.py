@@ -123,9 +123,10 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="auto", choices=["auto", "chinchilla", "isoflop", "hparams"],
                    help="chinchilla: L = E + A/N^a + B/D^b; isoflop: approaches 1 and 2; hparams: Step Law "
                         "lr/batch laws (default: hparams for an lr x batch sweep, else chinchilla)")
-    p.add_argument("--form", default="chinchilla", choices=["chinchilla", "farseer"],
-                   help="loss law: chinchilla E + A/N^a + B/D^b (default) or farseer E(N) + B(N) D^-beta(N) "
-                        "(StepFun's Farseer, 9 parameters; docs/scaling_laws.md compares them)")
+    p.add_argument("--form", default="chinchilla", choices=["chinchilla", "farseer", "kaplan"],
+                   help="loss law: chinchilla E + A/N^a + B/D^b (default), farseer E(N) + B(N) D^-beta(N) "
+                        "(StepFun's Farseer, 9 parameters) or kaplan ((Nc/N)^(aN/aD) + Dc/D)^aD (Kaplan et al. "
+                        "2020, 4 parameters); docs/scaling_laws.md compares them")
     p.add_argument("--holdout", type=int, default=0, metavar="K",
                    help="fit without the K largest-compute runs and report predicted vs measured loss for them")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000)")

@@ -428,12 +428,12 @@ def usable(table: RunsTable, cols: tuple[str, ...], drop_invalid: bool, sink: li
     return table.subset(~bad)
 
 
-FORMS = ("chinchilla", "farseer")
+FORMS = ("chinchilla", "farseer", "kaplan")
 
 
 def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_bootstrap: int = 1000,
               seed: int = 0, drop_invalid: bool = False, form: str = "chinchilla"):
-    """Dispatch a runs table to its fit. Returns ParametricFit (or FarseerFit with ``form="farseer"``), a list
+    """Dispatch a runs table to its fit. Returns ParametricFit (FarseerFit / KaplanFit with ``form=``), a list
     of IsoFLOPFit (approaches 1 and 2) or HparamFit."""
     if kind not in KINDS:
         raise FitError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
@@ -459,10 +459,12 @@ def fit_table(table: RunsTable, kind: str = "auto", *, holdout: int = 0, n_boots
         return fit
     table, N_is = in_active_params(usable(table, ("N", "D", "loss"), drop_invalid, sink))
     table, _ = best_per_cell(table)
-    if kind == "chinchilla" and form == "farseer":
-        from steplab.law.farseer import fit_farseer  # farseer.py builds on this module
+    if kind == "chinchilla" and form != "chinchilla":
+        from steplab.law.farseer import fit_farseer  # both modules build on this one
+        from steplab.law.kaplan import fit_kaplan
 
-        fit = fit_farseer(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed, holdout=holdout)
+        fit = {"farseer": fit_farseer, "kaplan": fit_kaplan}[form](table["N"], table["D"], table["loss"],
+                                                                 n_bootstrap=n_bootstrap, seed=seed, holdout=holdout)
     elif kind == "chinchilla":
         fit = fit_parametric(table["N"], table["D"], table["loss"], n_bootstrap=n_bootstrap, seed=seed,
                              holdout=holdout)

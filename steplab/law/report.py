@@ -64,6 +64,19 @@ def summary_lines(result) -> list[str]:
                          f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
                          f"error {h['rel_err']:+.2%}")
         return lines
+    if getattr(result, "kind", None) == "kaplan":
+        q = result.to_dict()
+        lines = [f"Kaplan form L = ((Nc/N)^(alpha_N/alpha_D) + Dc/D)^alpha_D ({result.n} runs)"]
+        for name in ("log_Nc", "log_Dc", "alpha_N", "alpha_D"):
+            ci = q.get(f"{name}_ci")
+            lines.append(f"  {name:<7} {q[name]:.4f}" + (_ci(*ci, ".4f") if ci else ""))
+        lines.append(f"  fit quality: RMSE log-loss {result.rmse_log:.4f}, max |rel err| {result.max_rel_err:.2%}, "
+                     f"{result.starts} starts")
+        for h in result.holdout:
+            lines.append(f"    holdout N={h['N']:.3g} D={h['D']:.3g}: measured {h['measured']:.4f}, predicted "
+                         f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
+                         f"error {h['rel_err']:+.2%}")
+        return lines
     if isinstance(result, IsoFLOPFit):
         name = "envelope (min loss per budget)" if result.approach == 1 else "IsoFLOP parabolas"
         return [f"Approach {result.approach}, {name}: {len(result.points)} compute levels",
@@ -209,7 +222,7 @@ def plots_for(table: RunsTable, result, outdir: str | Path) -> list[Path]:
         return [plot_isoflop(table, result, outdir / "isoflop.png")]
     if isinstance(result, HparamFit):
         return [plot_lr_bs_heatmaps(table, result, outdir / "lr_bs_heatmaps.png")]
-    if getattr(result, "kind", None) == "farseer":
+    if getattr(result, "kind", None) in ("farseer", "kaplan"):
         return [plot_fitted_vs_measured(table, result, outdir / "fitted_vs_measured.png")]
     raise TypeError(f"no plots for {type(result).__name__}")
 
