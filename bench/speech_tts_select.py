@@ -35,11 +35,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1, help="seeds seed*1000 + k: keep away from the official seed 0")
     ap.add_argument("--candidates", type=int, default=1, help="best-of-K by the model's own ASR")
+    ap.add_argument("--renderings", type=int, default=0, help="perturbed renderings the verifier also hears")
     args = ap.parse_args()
     sm = SpeechModel.from_run(args.run, device="cpu", checkpoint=args.checkpoint)
     out = {}
     for t in args.temperatures:
-        r = tts_intelligibility(sm, OwnASR(sm), args.samples, seed=args.seed, temperature=t, candidates=args.candidates)
+        r = tts_intelligibility(sm, OwnASR(sm), args.samples, seed=args.seed, temperature=t, candidates=args.candidates,
+                                renderings=args.renderings)
         out[t] = round(r["accuracy"], 4)
         extra = f"; verifier accepted at k = {r['own_asr_accepted']}" if args.candidates > 1 else ""
         print(f"temperature {t}: own-ASR intelligibility {r['accuracy']:.1%} (best of {args.candidates}, "

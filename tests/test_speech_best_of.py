@@ -43,11 +43,12 @@ def test_best_of_k_returns_the_candidate_the_verifier_accepts(sm):
     cands = [sm.sample_speech(texts, seed=candidate_seed(5, j)) for j in range(3)]
     calls = []
 
-    def hook(wavs, asked):  # accepts only candidate 2 of "one"; for "two" nothing, but candidate 1 is likeliest
+    def hook(wavs, asked, seed):  # accepts only candidate 2 of "one"; for "two" nothing, but candidate 1 is likeliest
         j = len(calls)  # candidates are verified in order, one round per candidate
-        assert asked == texts and all(np.array_equal(w, c) for w, c in zip(wavs, cands[j]))
+        assert asked == texts and seed == candidate_seed(5, j)
+        assert all(np.array_equal(w, c) for w, c in zip(wavs, cands[j]))
         calls.append(len(wavs))
-        return [("one" if j == 2 else "zero", -1.0), ("six", [-3.0, -0.5, -2.0][j])]
+        return [("one", j == 2, -1.0), ("six", False, [-3.0, -0.5, -2.0][j])]
 
     got = sm.speak_best(texts, 3, seed=5, verify=hook)
     assert calls == [2, 2, 2]  # one verifier call per candidate round, every text in the batch
@@ -64,21 +65,26 @@ def test_best_of_k_returns_the_candidate_the_verifier_accepts(sm):
 
 
 def test_the_default_verifier_is_the_models_own_asr_path(sm):
+    from steplab.data.speech import Clip, perturb
+
     texts = ["one", "three"]
-    got = sm.speak_best(texts, 2, seed=3)
-    for j in range(2):
-        wavs = sm.sample_speech(texts, seed=candidate_seed(3, j))
-        heard = sm.transcribe(wavs)
-        prompts = [sm.vocab.asr_prompt(w) for w in wavs]
-        targets = [sm.vocab.text.encode(t) + [sm.vocab.text.eos_id] for t in texts]
-        alone = [sm.continuation_logprob([p], [t])[0] for p, t in zip(prompts, targets)]  # unbatched, unpadded
-        for i, u in enumerate(got):
-            assert u.transcripts[j] == heard[i] and u.accepted[j] == (normalise(heard[i]) == texts[i])
-            assert u.scores[j] == pytest.approx(alone[i], abs=1e-4) and u.scores[j] <= 0.0
-    for u in got:
-        assert u.chosen == select_candidate(u.accepted, u.scores)
-    wavs = [u.wav for u in got]
-    assert all(np.array_equal(a, b) for a, b in zip(sm.speak(texts, seed=3, candidates=2), wavs))
+    for renderings in (0, 2):
+        got = sm.speak_best(texts, 2, seed=3, renderings=renderings)
+        for j in range(2):
+            wavs = sm.sample_speech(texts, seed=candidate_seed(3, j))
+            rng = np.random.default_rng(candidate_seed(3, j))  # the renderings, recomputed from the rule
+            views = [wavs] + [[perturb(Clip(w, "", "", 0), rng).wav for w in wavs] for _ in range(renderings)]
+            heard = [sm.transcribe(v) for v in views]
+            targets = [sm.vocab.text.encode(t) + [sm.vocab.text.eos_id] for t in texts]
+            for i, u in enumerate(got):
+                alone = [sm.continuation_logprob([sm.vocab.asr_prompt(v[i])], [targets[i]])[0] for v in views]  # unbatched
+                assert u.transcripts[j] == heard[0][i]
+                assert u.accepted[j] == all(normalise(h[i]) == texts[i] for h in heard)
+                assert u.scores[j] == pytest.approx(sum(alone), abs=1e-3) and u.scores[j] <= 0.0
+        for u in got:
+            assert u.chosen == select_candidate(u.accepted, u.scores)
+        wavs = [u.wav for u in got]
+        assert all(np.array_equal(a, b) for a, b in zip(sm.speak(texts, seed=3, candidates=2, renderings=renderings), wavs))
 
 
 def test_intelligibility_reports_nested_acceptance_and_cost(sm):
@@ -92,6 +98,7 @@ def test_intelligibility_reports_nested_acceptance_and_cost(sm):
     assert r["accuracy"] == 0.0 and r["n"] == 2 and r["candidates"] == 3 and r["seconds_per_utterance"] > 0
     acc = r["own_asr_accepted"]
     assert sorted(acc) == [1, 2, 3] and acc[1] <= acc[2] <= acc[3]
+    assert r["verify_renderings"] == 0
     spoken = sm.speak_best(["one", "two"], 3, seed=0)
     assert acc[2] == np.mean([any(u.accepted[:2]) for u in spoken])
 
@@ -101,4 +108,6 @@ def test_eval_refuses_zero_candidates(sm, capsys):
 
     with pytest.raises(SystemExit, match="--tts-candidates must be >= 1"):
         main(["eval", str(sm.run), "--task", "tts", "--tts-candidates", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--tts-renderings must be >= 0"):
+        main(["eval", str(sm.run), "--task", "tts", "--tts-candidates", "2", "--tts-renderings", "-1", "--device", "cpu"])
 

@@ -30,6 +30,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", type=int, default=8,
                    help="speech: extra speed-perturbed, time-shifted ASR renderings per training clip (default 8, "
                         "the measured recipe; 0: off)")
+    g.add_argument("--tts-real-only", action="store_true",
+                   help="speech: TTS documents only from recorded speech, none from espeak-ng voices (ASR keeps all)")
     g.add_argument("--speech-dev", action="store_true",
                    help="speech: val = a selection set carved from the training recordings (FSDD repetitions 5-9, "
                         "espeak take 3), left out of train; the test split stays unseen")
@@ -47,6 +49,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tts-temperature", type=float, default=0.7, help="--task tts: sampling temperature")
     g.add_argument("--tts-candidates", type=int, default=1, metavar="K",
                    help="--task tts: best-of-K, each candidate checked by the model's own ASR (default 1: off)")
+    g.add_argument("--tts-renderings", type=int, default=0, metavar="R",
+                   help="--tts-candidates: the verifier also hears R speed/shift-perturbed renderings of each candidate "
+                        "and accepts it only when all are the requested text (default 0: the decode alone)")
     g.add_argument("--speech-split", choices=["test", "dev"], default="test",
                    help="--task asr: the test split (default) or the selection set carved from training (choose checkpoints on dev)")
     g.add_argument("--checkpoint", dest="speech_checkpoint", metavar="DIR",
@@ -80,7 +85,7 @@ def cmd_prepare_speech(args) -> int:
         train, val = dev_split(train)
     meta = prepare_speech_data(train, val, args.speech_tokenizer, args.out, text_tokenizer=args.tokenizer,
                                seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force,
-                               augment=args.augment)
+                               augment=args.augment, tts_real_only=args.tts_real_only)
     for split in ("train", "val"):
         s = meta[split]
         print(f"{split}: {s['clips']:,} clips, {s['documents']:,} documents, {s['tokens']:,} tokens")
@@ -101,6 +106,8 @@ def cmd_eval_speech(args) -> int:
         raise SystemExit(f"error: --task asr/tts cannot be combined with {sorted(unknown)}; run them separately")
     if args.tts_candidates < 1:
         raise SystemExit(f"error: --tts-candidates must be >= 1 (best-of-K TTS), got {args.tts_candidates}")
+    if args.tts_renderings < 0:
+        raise SystemExit(f"error: --tts-renderings must be >= 0, got {args.tts_renderings}")
     clips = load_corpus(args.speech_source)
     train, test = split_clips(clips, args.eval_holdout_speaker)
     if args.speech_split == "dev":
@@ -117,7 +124,7 @@ def cmd_eval_speech(args) -> int:
     if "tts" in args.task:
         judge = train_digit_classifier(train)  # an independent classifier on real recordings
         out["tts"] = tts_intelligibility(sm, judge, args.tts_samples, seed=args.seed, temperature=args.tts_temperature,
-                                         candidates=args.tts_candidates)
+                                         candidates=args.tts_candidates, renderings=args.tts_renderings)
         t = out["tts"]
         print(f"tts: {t['accuracy']:.1%} recognised by the independent classifier (best of {t['candidates']}, "
               f"{t['seconds_per_utterance']:.3f} s per utterance)")

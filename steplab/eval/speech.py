@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 
 from steplab.data.speech import DIGITS, Clip, log_mel
 from steplab.data.speech_lm import SpeechVocab
+
+VERIFY_RENDERINGS = 0  # perturbed renderings the verifier also hears (4 was chosen on dev, lost on test: benchmarks)
+CANDIDATE_SEED_STRIDE = 1_000_003  # a prime above any seed*1000 + round the evals use: candidates never share seeds
 
 
 def mfcc_features(wav: np.ndarray, n_mfcc: int = 13) -> np.ndarray:
@@ -103,30 +107,32 @@ class SpeechModel:
         return max(0.0, (self.context - 24) / per_s)
 
     def speak(self, texts: list[str], *, temperature: float = 0.7, top_k: int = 0, seed: int = 0,
-              candidates: int = 1) -> list[np.ndarray]:
+              candidates: int = 1, renderings: int = VERIFY_RENDERINGS) -> list[np.ndarray]:
         """Text -> audio tokens (sampled, seeded) -> acoustic decoder -> Griffin-Lim waveform (8 kHz); with
         ``candidates`` k > 1, the best of k checked by the model's own ASR (:meth:`speak_best`)."""
         if candidates == 1:
             return self.sample_speech(texts, temperature=temperature, top_k=top_k, seed=seed)
-        return [u.wav for u in self.speak_best(texts, candidates, temperature=temperature, top_k=top_k, seed=seed)]
+        return [u.wav for u in self.speak_best(texts, candidates, temperature=temperature, top_k=top_k, seed=seed,
+                                               renderings=renderings)]
 
     def speak_best(self, texts: list[str], candidates: int, *, temperature: float = 0.7, top_k: int = 0, seed: int = 0,
-                   verify=None) -> list["Spoken"]:
+                   renderings: int = VERIFY_RENDERINGS, verify=None) -> list["Spoken"]:
         """Best-of-k TTS with the model's own ASR as the verifier (test-time scaling).
 
         Candidate j of every text is sampled with seed ``candidate_seed(seed, j)``, so candidate 0 is what
         ``speak(candidates=1)`` returns and the first k candidates of a larger k are the same: best-of-k is nested
-        in k. ``verify(wavs, texts) -> [(transcript, score)]`` (default :meth:`own_asr`) listens to each decoded
-        candidate; :func:`select_candidate` picks the one to return."""
+        in k. ``verify(wavs, texts, seed) -> [(transcript, accepted, score)]`` (default :meth:`own_asr` with
+        ``renderings``) listens to each decoded candidate; :func:`select_candidate` picks the one to return."""
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
-        verify = verify or self.own_asr
+        verify = verify or partial(self.own_asr, renderings=renderings)
         rows: list[list[tuple]] = [[] for _ in texts]
         for j in range(candidates):
             wavs = self.sample_speech(texts, temperature=temperature, top_k=top_k, seed=candidate_seed(seed, j))
-            checks = verify(wavs, texts) if candidates > 1 else [("", 0.0)] * len(texts)  # one: nothing to choose
-            for row, w, (heard, score), t in zip(rows, wavs, checks, texts):
-                row.append((w, heard, normalise(heard) == normalise(t), float(score)))
+            # one candidate: nothing to choose, so nothing is verified
+            checks = verify(wavs, texts, candidate_seed(seed, j)) if candidates > 1 else [("", False, 0.0)] * len(texts)
+            for row, w, (heard, ok, score) in zip(rows, wavs, checks):
+                row.append((w, heard, bool(ok), float(score)))
         out = []
         for row in rows:
             accepted, scores = [c[2] for c in row], [c[3] for c in row]
@@ -134,10 +140,27 @@ class SpeechModel:
             out.append(Spoken(row[best][0], best, [c[1] for c in row], accepted if candidates > 1 else [], scores))
         return out
 
-    def own_asr(self, wavs: list[np.ndarray], texts: list[str]) -> list[tuple[str, float]]:
-        """The verifier: each waveform re-tokenised and transcribed greedily by this model's ASR path, with the
-        log-likelihood of the requested text (teacher-forced ``text <|eos|>`` after the audio) as its confidence.
-        A waveform whose ASR prompt would not leave room for the text gets ("", -inf)."""
+    def own_asr(self, wavs: list[np.ndarray], texts: list[str], seed: int = 0,
+                renderings: int = VERIFY_RENDERINGS) -> list[tuple[str, bool, float]]:
+        """The verifier: each waveform, and ``renderings`` speed/shift-perturbed renderings of it (the training
+        augmentation, seeded by ``seed``), re-tokenised and transcribed greedily by this model's ASR path. A
+        candidate is accepted when every rendering's transcript is the requested text (a decode the ASR hears
+        only by luck does not pass); its confidence is the summed log-likelihood of the text (teacher-forced
+        ``text <|eos|>`` after the audio) over the renderings. Returns (the plain waveform's transcript, accepted,
+        confidence) per waveform; audio too long to leave room for the text is ("", False, -inf)."""
+        from steplab.data.speech import perturb
+
+        rng = np.random.default_rng(seed)
+        views = [wavs] + [[perturb(Clip(w, "", "", 0), rng).wav for w in wavs] for _ in range(renderings)]
+        heard = [self._asr_check(v, texts) for v in views]
+        out = []
+        for i, t in enumerate(texts):
+            ok = all(normalise(h[i][0]) == normalise(t) for h in heard)
+            out.append((heard[0][i][0], ok, float(sum(h[i][1] for h in heard))))
+        return out
+
+    def _asr_check(self, wavs: list[np.ndarray], texts: list[str]) -> list[tuple[str, float]]:
+        """(greedy transcript, log p(text <|eos|> | audio)) per waveform; ("", -inf) when it does not fit."""
         prompts = [self.vocab.asr_prompt(w) for w in wavs]
         targets = [self.vocab.text.encode(normalise(t)) + [self.vocab.text.eos_id] for t in texts]
         fits = [i for i, (p, t) in enumerate(zip(prompts, targets)) if len(p) + len(t) <= self.context]
@@ -183,7 +206,6 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip(" .,!?").split())
 
 
-CANDIDATE_SEED_STRIDE = 1_000_003  # a prime above any seed*1000 + round the evals use: candidates never share seeds
 
 
 def candidate_seed(seed: int, j: int) -> int:
@@ -236,8 +258,8 @@ def asr_accuracy(sm: SpeechModel, clips: list[Clip], blank: str | None = None, v
             "examples": [{"ref": c.text, "hyp": h} for h, c in list(zip(hyps, clips))[:5]]}
 
 
-def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0,
-                        words: list[str] = DIGITS, temperature: float = 0.7, candidates: int = 1) -> dict:
+def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0, words: list[str] = DIGITS,
+                        temperature: float = 0.7, candidates: int = 1, renderings: int = VERIFY_RENDERINGS) -> dict:
     """``judge``: anything with ``predict(wavs) -> texts`` (the independent classifier; a model's own ASR for
     choosing sampler settings without touching the judge). ``candidates`` k: best-of-k by the model's own ASR;
     ``own_asr_accepted`` reports, for each k' <= k in powers of two, how many utterances had a candidate among
@@ -247,14 +269,15 @@ def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0
     spoken: list[Spoken] = []
     t0 = time.perf_counter()
     for k in range(samples):  # one seed per round, every word in the batch: deterministic per (seed, k)
-        spoken += sm.speak_best(list(words), candidates, seed=seed * 1000 + k, temperature=temperature)
+        spoken += sm.speak_best(list(words), candidates, seed=seed * 1000 + k, temperature=temperature,
+                                renderings=renderings)
     seconds = time.perf_counter() - t0
     wavs = [u.wav for u in spoken]
     texts = [w for _ in range(samples) for w in words]
     heard = judge.predict(wavs)
     heard = [normalise(h) for h in heard]
     per = {w: float(np.mean([h == t for h, t in zip(heard, texts) if t == w])) for w in words}
-    out = {"temperature": temperature, "candidates": candidates,
+    out = {"temperature": temperature, "candidates": candidates, "verify_renderings": renderings,
            "accuracy": float(np.mean([h == t for h, t in zip(heard, texts)])), "n": len(texts), "per_word": per,
            "mean_seconds": float(np.mean([len(w) / 8000 for w in wavs])),
            "seconds_per_utterance": round(seconds / len(texts), 4)}
