@@ -206,8 +206,6 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip(" .,!?").split())
 
 
-
-
 def candidate_seed(seed: int, j: int) -> int:
     """The sampling seed of candidate ``j`` of a request seeded ``seed`` (candidate 0: the seed itself)."""
     return seed + j * CANDIDATE_SEED_STRIDE
