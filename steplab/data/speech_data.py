@@ -4,8 +4,9 @@ The shards are those of ``steplab data prepare --speech-tokenizer`` (``data/spee
 kind "tokens" reads them (same windows, same order, same resume state). Only the targets change: inside an ASR
 document (``<|bos|> <|audio|> ... <|/audio|> text <|eos|>``) the audio tokens and ``<|/audio|>`` become
 ``IGNORE_INDEX``, so the loss there is the transcript's alone; TTS documents keep every target, so the model still
-learns to speak. Without the mask, 9 of 10 ASR documents in the ``--augment 8`` recipe are perturbed audio the model
-must predict token by token, capacity the transcript does not need.
+learns to speak. The idea: 9 of 10 ASR documents in the ``--augment 8`` recipe are perturbed audio the model must
+predict token by token. Measured (docs/benchmarks.md, issue 20 session 8), it hurts: dev ASR 96.3% against 99.7%
+unmasked; predicting that audio is most of what the ASR path learns from. An ablation, not the recipe.
 
     steplab train --preset step1-nano --data DIR --set data.kind=speech-masked ...
 
