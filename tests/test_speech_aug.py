@@ -148,3 +148,6 @@ def test_tts_real_only_drops_only_the_synthetic_voices_tts_documents(tmp_path):
     tts = [d for d in docs if d[1] != vocab.open_id]  # a TTS document starts with its text, an ASR one with audio
     want = [vocab.speech_documents(c)[1] for c in clips[4:] if not c.speaker.startswith("espeak:")]
     assert len(docs) == 6 and sorted(tts) == sorted(want)
+    synthetic = [c for c in clips if c.speaker.startswith("espeak:")]
+    with pytest.raises(DataError, match="leaves no TTS documents"):
+        prepare_speech_data(synthetic[:2], synthetic[2:], tmp_path / "tok", tmp_path / "e", tts_real_only=True)

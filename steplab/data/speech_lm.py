@@ -136,6 +136,9 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
         raise DataError(f"augment must be >= 0 (extra renderings per training clip), got {augment}")
     if not train or not val:
         raise DataError(f"speech data needs train and val clips, got {len(train)} and {len(val)}")
+    if tts_real_only and all(is_synthetic(c) for c in train):
+        raise DataError("--tts-real-only leaves no TTS documents: every training clip is synthesised (espeak-ng); "
+                        "add recorded speech (--source fsdd+espeak) or drop --tts-real-only")
     t0 = time.time()
     text = Tokenizer.load(text_tokenizer) if text_tokenizer else transcript_tokenizer([c.text for c in train])
     vocab = SpeechVocab.build(text, SpeechTokenizer.load(speech_dir))
