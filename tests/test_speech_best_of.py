@@ -31,11 +31,13 @@ def sm():
     from speech_fixtures import tiny_speech_run
     from steplab.eval.speech import SpeechModel
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     run, _ = tiny_speech_run()
     m = SpeechModel.from_run(run, device="cpu")
     m.run = run
-    return m
+    yield m
+    torch.set_num_threads(threads)
 
 
 def test_best_of_k_returns_the_candidate_the_verifier_accepts(sm):
