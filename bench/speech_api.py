@@ -1,7 +1,10 @@
 """The API round trip of a speech run: every test WAV uploaded through /v1/audio/transcriptions (official openai
 client, uvicorn in a thread) must get the transcript `steplab eval --task asr` gives (SpeechModel.transcribe, fp32).
 
-    STEPLAB_SHARED=/work/shared python bench/speech_api.py RUN [--source fsdd]
+    STEPLAB_SHARED=/work/shared python bench/speech_api.py RUN [--source fsdd] [--checkpoint DIR]
+
+``--checkpoint``: serve that checkpoint of RUN (a dev-chosen one) instead of the latest: the server reads a
+temporary run directory that links RUN's config and tokenizer and holds only that checkpoint.
 """
 from __future__ import annotations
 
@@ -15,11 +18,29 @@ from steplab.data.speech import load_audio, load_corpus, split_clips, wav_bytes
 from steplab.eval.speech import SpeechModel, normalise
 
 
+def one_checkpoint_run(run: str, checkpoint: str) -> str:
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="speech-api-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    for name in ("config.json", "tokenizer"):
+        (tmp / name).symlink_to(Path(run).resolve() / name)
+    (tmp / "checkpoints").mkdir()
+    (tmp / "checkpoints" / Path(checkpoint).name).symlink_to(Path(checkpoint).resolve())
+    return str(tmp)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
     ap.add_argument("--source", default="fsdd")
+    ap.add_argument("--checkpoint", help="a checkpoint directory of RUN (default: the latest)")
     args = ap.parse_args()
+    if args.checkpoint:
+        args.run = one_checkpoint_run(args.run, args.checkpoint)
     import openai
     import torch
     import uvicorn

@@ -78,6 +78,21 @@ def test_speech_returns_decodable_audio_deterministically(client):
         assert mp3[:3] == b"ID3" or mp3[0] == 0xFF
 
 
+def test_speech_best_of_k_matches_the_library_and_is_bounded(server, client, one_thread):
+    from steplab.eval.speech import SpeechModel
+    from steplab.serve.schema import MAX_SPEECH_CANDIDATES
+
+    got = client.audio.speech.create(model=MODEL, voice="alloy", input="one", response_format="wav",
+                                     extra_body={"candidates": 2}).content
+    sm = SpeechModel.from_run(server.run, device="cpu")
+    assert got == wav_bytes(sm.speak(["one"], seed=0, candidates=2)[0])  # the same best-of-2 as the library
+    h = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as c:
+        for bad in (0, MAX_SPEECH_CANDIDATES + 1, "many"):  # k multiplies the work: user input stays bounded
+            body = {"model": MODEL, "input": "one", "response_format": "wav", "candidates": bad}
+            assert _error(c.post(server.url + "/v1/audio/speech", headers=h, json=body), 400, "invalid_value")["param"] == "candidates"
+
+
 def test_audio_errors_are_openai_errors(server, one_thread):
     h = {"Authorization": f"Bearer {KEY}"}
     url = server.url + "/v1/audio/transcriptions"

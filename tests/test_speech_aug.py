@@ -124,3 +124,30 @@ def test_voted_transcription_is_deterministic_and_one_vote_is_plain_greedy():
         best = max(cands.count(c) for c in cands)
         assert v == next(c for c in cands if cands.count(c) == best)
     assert asr_accuracy(sm, clips[:6], votes=3)["votes"] == 3
+
+
+def test_tts_real_only_drops_only_the_synthetic_voices_tts_documents(tmp_path):
+    from steplab.data.shards import ShardSet
+    from steplab.data.speech_lm import SpeechVocab, prepare_speech_data
+    from steplab.data.speech_tokenizer import SpeechTokenizerConfig, train_speech_tokenizer
+    from steplab.models.audio import CodecConfig
+
+    torch.manual_seed(0)
+    speakers = ["theo", "espeak:en-us", "jackson", "espeak:en-gb"]
+    clips = [Clip(_chirp(0.3 + 0.04 * i, seed=i), w, speakers[i % 4], i) for i, w in enumerate(["one", "two"] * 4)]
+    cfg = SpeechTokenizerConfig(semantic_codes=8, steps=2, batch_size=2, codec=CodecConfig(dim=8, latent=4, n_q=1, codebook_size=4))
+    train_speech_tokenizer(clips, cfg).save(tmp_path / "tok")
+    meta = prepare_speech_data(clips[:4], clips[4:], tmp_path / "tok", tmp_path / "d", seq_len=128, packings=1,
+                               augment=1, tts_real_only=True)
+    # train: 4 ASR + 2 TTS (theo, jackson) + 4 augmented ASR; val: 4 ASR + 2 TTS
+    assert meta["train"]["documents"] == 10 and meta["val"]["documents"] == 6 and meta["tts_real_only"] is True
+    vocab = SpeechVocab.load(tmp_path / "d" / "tokenizer")
+    ids = np.asarray(ShardSet(tmp_path / "d" / "val").tokens)
+    ids = ids[ids != vocab.text.special_ids["<|pad|>"]]
+    docs = [d.tolist() for d in np.split(ids, np.flatnonzero(ids == vocab.text.bos_id))[1:]]
+    tts = [d for d in docs if d[1] != vocab.open_id]  # a TTS document starts with its text, an ASR one with audio
+    want = [vocab.speech_documents(c)[1] for c in clips[4:] if not c.speaker.startswith("espeak:")]
+    assert len(docs) == 6 and sorted(tts) == sorted(want)
+    synthetic = [c for c in clips if c.speaker.startswith("espeak:")]
+    with pytest.raises(DataError, match="leaves no TTS documents"):
+        prepare_speech_data(synthetic[:2], synthetic[2:], tmp_path / "tok", tmp_path / "e", tts_real_only=True)

@@ -43,9 +43,10 @@ def _pipeline(wav_dir, tmp_path, capsys):
     report = json.loads([line for line in out.splitlines() if line.startswith("{")][0])
     assert report["bitrate"]["total_bps"] == pytest.approx(100 / 6 * 3 + 25 * 2 * 3, abs=0.1)
     assert main(["data", "prepare", "--source", src, "--speech-tokenizer", str(tmp_path / "tok"), "--out",
-                 str(tmp_path / "data"), "--seq-len", "128"]) == 0
+                 str(tmp_path / "data"), "--seq-len", "128", "--augment", "0"]) == 0
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert meta["train"]["clips"] == 24 and meta["val"]["clips"] == 12  # repetitions 3-4 of 3-8 are the test split
+    assert meta["augment"] == 0 and meta["train"]["documents"] == 24 * 2  # ASR + TTS per clip, nothing more
     assert main(["data", "prepare", "--source", src, "--speech-tokenizer", str(tmp_path / "tok"), "--out",
                  str(tmp_path / "data_aug"), "--seq-len", "128", "--augment", "1"]) == 0
     aug = json.loads((tmp_path / "data_aug" / "meta.json").read_text())
@@ -71,6 +72,13 @@ def _pipeline(wav_dir, tmp_path, capsys):
                  "--speech-split", "dev", "--checkpoint", str(tmp_path / "full" / "checkpoints" / "step_00000003")]) == 0
     res = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert res["step"] == 3 and res["split"] == "dev" and res["asr"]["n"] == 24
+
+
+def test_prepare_defaults_to_the_measured_augmentation():
+    from steplab.cli import build_parser
+
+    args = build_parser().parse_args(["data", "prepare", "--source", "fsdd", "--speech-tokenizer", "t", "--out", "d"])
+    assert args.augment == 8  # the recipe behind the benchmarks (docs/benchmarks.md, issue 20 session 7)
 
 
 def test_audio_that_is_not_audio_is_one_clear_error(tmp_path, capsys):

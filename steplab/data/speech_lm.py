@@ -31,6 +31,7 @@ from steplab.utils import atomic_dir, atomic_write_json
 
 AUDIO_OPEN, AUDIO_CLOSE = "<|audio|>", "<|/audio|>"
 SPEECH_DIR = "speech"  # inside a tokenizer directory
+SYNTHETIC_SPEAKER = "espeak:"  # speaker names of the clips data/speech.py synthesises
 
 
 class SpeechVocab:
@@ -97,6 +98,10 @@ class SpeechVocab:
         return self.asr_document(clip, audio), [*self.tts_prompt(clip.text), *audio, self.close_id, self.text.eos_id]
 
 
+def is_synthetic(clip: Clip) -> bool:
+    return clip.speaker.startswith(SYNTHETIC_SPEAKER)
+
+
 def transcript_tokenizer(texts: list[str], vocab_size: int = 300) -> Tokenizer:
     """A small byte-level BPE over the transcripts (the Step-1 vocabulary the audio block is appended to)."""
     return train_tokenizer(iter(texts * 20), vocab_size)
@@ -120,21 +125,27 @@ def pack(docs: list[list[int]], seq_len: int, pad_id: int) -> np.ndarray:
 
 def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Path, out_dir: str | Path, *,
                         text_tokenizer: str | None = None, seq_len: int = 256, packings: int = 4, seed: int = 0,
-                        source: str = "", force: bool = False, augment: int = 0) -> dict:
+                        source: str = "", force: bool = False, augment: int = 0, tts_real_only: bool = False) -> dict:
     """Write a prepared dataset (tokenizer/ with the audio block and speech/, train/, val/, meta.json).
 
     ``augment``: extra ASR documents per training clip, each from a speed-perturbed, time-shifted rendering
-    (``data/speech.perturb``); TTS documents keep the real recordings, so the model learns to speak like them."""
+    (``data/speech.perturb``); TTS documents keep the real recordings, so the model learns to speak like them.
+    ``tts_real_only``: TTS documents only from recorded speech, none from espeak-ng's synthetic voices (the ASR
+    documents keep every source): the LM otherwise drifts to the synthetic voice, the easiest one to model."""
     if augment < 0:
         raise DataError(f"augment must be >= 0 (extra renderings per training clip), got {augment}")
     if not train or not val:
         raise DataError(f"speech data needs train and val clips, got {len(train)} and {len(val)}")
+    if tts_real_only and all(is_synthetic(c) for c in train):
+        raise DataError("--tts-real-only leaves no TTS documents: every training clip is synthesised (espeak-ng); "
+                        "add recorded speech (--source fsdd+espeak) or drop --tts-real-only")
     t0 = time.time()
     text = Tokenizer.load(text_tokenizer) if text_tokenizer else transcript_tokenizer([c.text for c in train])
     vocab = SpeechVocab.build(text, SpeechTokenizer.load(speech_dir))
     rng = np.random.default_rng(seed)
     meta = {"source": source, "kind": "speech", "seq_len": seq_len, "vocab_size": vocab.text.vocab_size,
-            "audio_base": vocab.base, "bitrate": vocab.speech.bitrate(), "augment": augment}
+            "audio_base": vocab.base, "bitrate": vocab.speech.bitrate(), "augment": augment,
+            "tts_real_only": tts_real_only}
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -143,7 +154,10 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
     with atomic_dir(out, DataError) as tmp:
         vocab.save(tmp / "tokenizer")
         for split, clips in (("train", train), ("val", val)):
-            docs = [d for c in clips for d in vocab.speech_documents(c)]
+            docs = []
+            for c in clips:
+                asr, tts = vocab.speech_documents(c)
+                docs += [asr] if tts_real_only and is_synthetic(c) else [asr, tts]
             if split == "train" and augment > 0:
                 aug_rng = np.random.default_rng(seed + 1)
                 docs += [vocab.asr_document(perturb(c, aug_rng)) for c in clips for _ in range(augment)]

@@ -115,6 +115,9 @@ class CompletionRequest(_Sampling):
         return v
 
 
+MAX_SPEECH_CANDIDATES = 8  # the most candidates one /v1/audio/speech request may ask for
+
+
 class SpeechRequest(_Body):
     """``POST /v1/audio/speech``: text in, audio out (one voice; ``voice`` is accepted and names it only)."""
     model: str
@@ -123,6 +126,8 @@ class SpeechRequest(_Body):
     response_format: str = "mp3"  # OpenAI's default; wav and flac always, mp3 when libsndfile encodes it
     speed: float | None = Field(None, ge=0.25, le=4.0)
     seed: int | None = None  # extension: the sampling seed (default 0: the same input gives the same audio)
+    # extension: best-of-k, each candidate checked by the model's own ASR; bounded, since k multiplies the work
+    candidates: int | None = Field(None, ge=1, le=MAX_SPEECH_CANDIDATES)
 
     def unsupported(self) -> str | None:
         extra = self.model_extra or {}

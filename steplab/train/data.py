@@ -39,7 +39,8 @@ class TrainData(Protocol):
 
 # Data kinds registered by modules the trainer imports on demand: kind -> module (which calls register_data).
 DATA_MODULES: dict[str, str] = {"chat": "steplab.data.chat_data", "vqa": "steplab.data.images",
-                                "video-clips": "steplab.data.video", "video-latents": "steplab.data.video"}
+                                "video-clips": "steplab.data.video", "video-latents": "steplab.data.video",
+                                "speech-masked": "steplab.data.speech_data"}
 
 _BUILDERS: dict[str, Callable[[RunConfig], TrainData]] = {}
 

@@ -3,7 +3,8 @@
 A served run is a speech model when its tokenizer carries a speech tokenizer (``tokenizer/speech/``); the routes
 share the engine's weights and decode with ``eval/speech.py``'s SpeechModel, one request at a time per model in a
 worker thread (the event loop stays free). Transcription is greedy; speech is sampled with a fixed seed (0 unless
-the body has ``seed``), so the same input gives the same audio.
+the body has ``seed``), so the same input gives the same audio; ``candidates`` (1-8, an extension) returns the
+best of that many samples as the model's own ASR hears them.
 
 Errors are OpenAI's JSON: 400 for a missing/empty/undecodable file, audio longer than the model can read, an
 unknown ``response_format`` (mp3 only when libsndfile can encode it), or fields we cannot honour; 404 for a
@@ -127,7 +128,8 @@ async def speech(request: HTTPRequest):
     if room < 2 + 3 * sm.vocab.speech.n_q:
         raise APIError(400, f"the input is too long for this model's context of {sm.context} tokens; shorten it",
                        param="input", code="context_length_exceeded")
-    wav = (await run_in_threadpool(_run, sm, lambda: sm.speak([body.input], seed=body.seed or 0)))[0]
+    k = body.candidates or 1
+    wav = (await run_in_threadpool(_run, sm, lambda: sm.speak([body.input], seed=body.seed or 0, candidates=k)))[0]
     data = wav_bytes(wav, fmt) if fmt != "mp3" else _mp3(wav)
     return Response(data, media_type=MEDIA[fmt])
 
