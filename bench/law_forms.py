@@ -83,8 +83,9 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['table']} | {r['form']} | | | | not fitted: {r['error']} | | | |")
         else:
-            print(f"| {r['table']} | {r['form']} | {r['runs']} | {r['held']} | {r['fit_rmse']:.4f} | {r['mean_abs']:.2%} | "
-                  f"{r['max_abs']:.2%} | {r['bias']:+.2%} | {r['inside']}/{r['held']} |")
+            pct = (lambda x, sign="": f"{x:{sign}.2%}" if abs(x) < 10 else "diverges")  # > 1000% off: a runaway fit
+            print(f"| {r['table']} | {r['form']} | {r['runs']} | {r['held']} | {r['fit_rmse']:.4f} | {pct(r['mean_abs'])} | "
+                  f"{pct(r['max_abs'])} | {pct(r['bias'], '+')} | {r['inside']}/{r['held']} |")
 
 
 if __name__ == "__main__":
