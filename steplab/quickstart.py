@@ -34,10 +34,11 @@ MIN_CORPUS_BYTES = 400_000  # enough text for the 1024-token BPE at tiny budgets
 # extrapolates in N alone. With the whole library (4.3M tokens) and budgets up to 2M, the plan extrapolated 2x in
 # D as well and missed by +7.5% / +8.4% (seeds 0, two runs; docs/LOG.md): the law fitted up to 2M tokens
 # under-estimates how much the loss still falls by 4M.
-# 20% of the modules (by hash) are validation: ~70 of them. At 5% (18-22 modules) the split's idiosyncrasies
-# moved single runs by up to 3.5% against 340 unseen modules (one size preferred half the lr there, the other
-# way round on the 340) and the three seeds' planned runs measured 2.68 / 3.20 / 3.55 for one recipe. The
-# corpus grows to keep the train side at ~5.4 MB (~2.0M tokens); EVAL_TOKENS are spread over all of it.
+# 20% of the modules (by hash) are validation: 102-114 of them (seeds 0-2). At 5% (18-22 modules) the split's
+# idiosyncrasies moved single runs by up to 3.5% against 340 unseen modules (one size preferred half the lr
+# there, the other way round on the 340) and the three seeds' planned runs measured 2.68 / 3.20 / 3.55 for one
+# recipe. The corpus grows to keep the train side at ~5.4 MB (1.9-2.1M tokens); EVAL_TOKENS are spread over
+# the whole split (steplab.data.loader.iter_eval_batches).
 VAL_FRACTION = 0.2
 CORPUS_BYTES = 6_750_000
 CORPUS_TOKENS = 2_100_000  # about what CORPUS_BYTES gives; a --budget below 1 uses this many x budget of them
