@@ -83,7 +83,7 @@ def test_kaplan_errors_and_cli_form(tmp_path, capsys):
     L = kaplan_loss(N, D)
     with pytest.raises(FitError, match="4 parameters need at least 6 runs"):
         fit_kaplan(N[:5], D[:5], L[:5], n_bootstrap=0)
-    with pytest.raises(FitError, match="needs at least 6 of the 9 runs left"):
+    with pytest.raises(FitError, match="needs at least 6 of the 9 runs left to fit"):
         fit_kaplan(N, D, L, n_bootstrap=0, holdout=4)
     table = tmp_path / "runs.csv"
     table.write_text("N,D,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in zip(N, D, L)))

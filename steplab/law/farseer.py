@@ -14,13 +14,14 @@ bootstrap over runs for intervals. Nine parameters need data: at least 12 runs, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import least_squares
 
 from steplab.errors import FitError
-from steplab.law.fit import HUBER_DELTA, check_points
+from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
+from steplab.law.forms import FormFit
 
 NAMES = ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3")
 MIN_RUNS = 12
@@ -61,37 +62,16 @@ def _solve(x0, n, d, lL, delta, max_nfev: int = 1000):
                          x_scale="jac", max_nfev=max_nfev)
 
 
-@dataclass
-class FarseerFit:
-    params: np.ndarray
+@dataclass(kw_only=True)
+class FarseerFit(FormFit):
     N0: float
     D0: float
-    n: int
-    rmse_log: float
-    max_rel_err: float
-    cost: float
-    starts: int
-    boot: np.ndarray | None = None   # (n_bootstrap, 9)
-    holdout: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    kind: str = "farseer"
-    N_is: str = "N"
+    kind = "farseer"
+    NAMES = NAMES
+    FORM = "exp(a3 n^g3 + b3) + exp(a2 n^g2 + b2) d^-exp(a1 n^g1 + b1), n = N/N0, d = D/D0"
 
-    def predict(self, N, D) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            return _predict(self.params, np.asarray(N, float) / self.N0, np.asarray(D, float) / self.D0)
-
-    def predict_interval(self, N, D, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        if self.boot is None:
-            p = self.predict(N, D)
-            return p, p
-        n, d = np.atleast_1d(np.asarray(N, float)) / self.N0, np.atleast_1d(np.asarray(D, float)) / self.D0
-        with np.errstate(all="ignore"):
-            draws = np.array([_predict(b, n, d) for b in self.boot])
-        draws[~np.isfinite(draws)] = np.nan
-        lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
-        return lo, hi
+    def _law(self, params, N, D):
+        return _predict(params, N / self.N0, D / self.D0)
 
     def beta_of(self, N) -> np.ndarray:
         """The data exponent at size N (Chinchilla's beta is one number for all N)."""
@@ -99,17 +79,7 @@ class FarseerFit:
         return np.exp(a1 * (np.asarray(N, float) / self.N0) ** g1 + b1)
 
     def to_dict(self) -> dict:
-        d: dict = {"kind": self.kind, "N_is": self.N_is, "N0": self.N0, "D0": self.D0,
-                   "form": "exp(a3 n^g3 + b3) + exp(a2 n^g2 + b2) d^-exp(a1 n^g1 + b1), n = N/N0, d = D/D0"}
-        for i, name in enumerate(NAMES):
-            d[name] = float(self.params[i])
-            if self.boot is not None:
-                col = self.boot[:, i][np.isfinite(self.boot[:, i])]
-                d[f"{name}_ci"] = [float(x) for x in np.percentile(col, [2.5, 97.5])] if len(col) > 1 else None
-        d["quality"] = {"n": self.n, "rmse_log_loss": self.rmse_log, "max_rel_err": self.max_rel_err,
-                        "starts": self.starts, "bootstrap": 0 if self.boot is None else len(self.boot)}
-        d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
-        return d
+        return {**super().to_dict(), "N0": self.N0, "D0": self.D0}
 
 
 def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: int = 0, n_starts: int = 16,
@@ -117,11 +87,7 @@ def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: i
     """Fit the Farseer form; ``holdout=K`` leaves out the K largest-compute runs and reports them."""
     pts = check_points("farseer fit", N=N, D=D, loss=loss)
     N, D, L = pts["N"], pts["D"], pts["loss"]
-    held = np.zeros(len(N), dtype=bool)
-    if holdout:
-        if not 0 < holdout < len(N) - MIN_RUNS + 1:
-            raise FitError(f"--holdout {holdout}: the farseer fit needs at least {MIN_RUNS} of the {len(N)} runs left")
-        held[np.argsort(N * D)[-holdout:]] = True
+    held = split_holdout(N, D, holdout, MIN_RUNS, "the farseer fit")
     fN, fD, fL = N[~held], D[~held], L[~held]
     if len(fN) < MIN_RUNS or len(np.unique(fN)) < 3 or len(np.unique(fD)) < 3:
         raise FitError(f"farseer fit: {len(fN)} runs, {len(np.unique(fN))} sizes, {len(np.unique(fD))} budgets; its 9 "
@@ -151,10 +117,5 @@ def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: i
     fit = FarseerFit(params=best.x, N0=N0, D0=D0, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),
                      max_rel_err=float(np.max(np.abs(pred / fL - 1))), cost=float(best.cost), starts=len(starts),
                      boot=boot)
-    if holdout:
-        lo, hi = fit.predict_interval(N[held], D[held])
-        p = fit.predict(N[held], D[held])
-        fit.holdout = [{"N": float(a), "D": float(b), "C": float(6 * a * b), "measured": float(m), "predicted": float(q),
-                        "predicted_ci": [float(x), float(y)], "rel_err": float(q / m - 1)}
-                       for a, b, m, q, x, y in zip(N[held], D[held], L[held], p, lo, hi)]
+    fit.holdout = holdout_report(fit, N[held], D[held], L[held])
     return fit

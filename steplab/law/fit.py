@@ -200,11 +200,7 @@ def fit_parametric(N, D, loss, *, n_bootstrap: int = 1000, seed: int = 0, delta:
     reports predicted vs measured loss for them. ``method`` is the scipy minimiser run from each start."""
     pts = check_points("parametric fit", N=N, D=D, loss=loss)
     N, D, L = pts["N"], pts["D"], pts["loss"]
-    held = np.zeros(len(N), dtype=bool)
-    if holdout:
-        if not 0 < holdout < len(N) - 5:
-            raise FitError(f"--holdout {holdout}: must leave more than 5 of the {len(N)} runs to fit")
-        held[np.argsort(N * D)[-holdout:]] = True
+    held = split_holdout(N, D, holdout, 6, "the parametric fit")
     fit_N, fit_D, fit_L = N[~held], D[~held], L[~held]
     _check_identifiable(fit_N, fit_D)
     lN, lD, lL = np.log(fit_N), np.log(fit_D), np.log(fit_L)
@@ -238,14 +234,30 @@ def fit_parametric(N, D, loss, *, n_bootstrap: int = 1000, seed: int = 0, delta:
                         objective=float(best.fun), rmse_log=float(np.sqrt(np.mean(res ** 2))),
                         max_rel_err=float(np.max(np.abs(pred / fit_L - 1))), starts=len(runs),
                         starts_at_best=int(at_best), boot=boot)
-    if holdout:
-        lo, hi = fit.predict_interval(N[held], D[held])
-        p = fit.predict(N[held], D[held])
-        fit.holdout = [{"N": float(n), "D": float(d), "C": float(6 * n * d), "measured": float(m),
-                        "predicted": float(q), "predicted_ci": [float(a), float(b)], "rel_err": float(q / m - 1)}
-                       for n, d, m, q, a, b in zip(N[held], D[held], L[held], p, lo, hi)]
+    fit.holdout = holdout_report(fit, N[held], D[held], L[held])
     _sanity(fit, fit_N, fit_D)
     return fit
+
+
+def split_holdout(N: np.ndarray, D: np.ndarray, holdout: int, min_fit: int, what: str) -> np.ndarray:
+    """Mask of the ``holdout`` largest-compute runs (none for 0); a FitError unless ``min_fit`` runs stay to fit."""
+    held = np.zeros(len(N), dtype=bool)
+    if holdout:
+        if not 0 < holdout <= len(N) - min_fit:
+            raise FitError(f"--holdout {holdout}: {what} needs at least {min_fit} of the {len(N)} runs left to fit")
+        held[np.argsort(N * D)[-holdout:]] = True
+    return held
+
+
+def holdout_report(fit, N: np.ndarray, D: np.ndarray, L: np.ndarray) -> list[dict]:
+    """Predicted (with the fit's interval) vs measured loss of held-out runs, one dict per run."""
+    if not len(N):
+        return []
+    lo, hi = fit.predict_interval(N, D)
+    p = np.atleast_1d(fit.predict(N, D))
+    return [{"N": float(n), "D": float(d), "C": float(6 * n * d), "measured": float(m), "predicted": float(q),
+             "predicted_ci": [float(a), float(b)], "rel_err": float(q / m - 1)}
+            for n, d, m, q, a, b in zip(N, D, L, p, lo, hi)]
 
 
 def _check_identifiable(N: np.ndarray, D: np.ndarray) -> None:

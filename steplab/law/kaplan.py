@@ -14,13 +14,14 @@ exact Jacobian from the best points of a grid of starts, bootstrap over runs for
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import least_squares
 
 from steplab.errors import FitError
-from steplab.law.fit import HUBER_DELTA, check_points
+from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
+from steplab.law.forms import FormFit
 
 NAMES = ("log_Nc", "log_Dc", "alpha_N", "alpha_D")
 MIN_RUNS = 6
@@ -57,20 +58,14 @@ def _solve(x0, lN, lD, lL, delta, max_nfev: int = 400):
                          bounds=([-np.inf, -np.inf, 1e-4, 1e-4], [np.inf, np.inf, 5.0, 5.0]), max_nfev=max_nfev)
 
 
-@dataclass
-class KaplanFit:
-    params: np.ndarray  # log Nc, log Dc, alpha_N, alpha_D
-    n: int
-    rmse_log: float
-    max_rel_err: float
-    cost: float
-    starts: int
-    boot: np.ndarray | None = None  # (n_bootstrap, 4)
-    holdout: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    kind: str = "kaplan"
-    N_is: str = "N"
+@dataclass(kw_only=True)
+class KaplanFit(FormFit):
+    kind = "kaplan"
+    NAMES = NAMES
+    FORM = "((Nc/N)^(alpha_N/alpha_D) + Dc/D)^alpha_D"
+
+    def _law(self, params, N, D):
+        return np.exp(_log_predict(params, np.log(N), np.log(D)))
 
     @property
     def alpha(self) -> float:
@@ -80,59 +75,13 @@ class KaplanFit:
     def beta(self) -> float:
         return float(self.params[3])
 
-    def predict(self, N, D) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            return np.exp(_log_predict(self.params, np.log(np.asarray(N, float)), np.log(np.asarray(D, float))))
-
-    def _draws(self, N, D) -> np.ndarray:
-        lN, lD = np.log(np.atleast_1d(np.asarray(N, float))), np.log(np.atleast_1d(np.asarray(D, float)))
-        with np.errstate(all="ignore"):
-            draws = np.exp(np.array([_log_predict(b, lN, lD) for b in self.boot]))
-        draws[~np.isfinite(draws)] = np.nan
-        return draws
-
-    def predict_interval(self, N, D, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        """Bounds on the law's mean (bootstrap percentiles)."""
-        if self.boot is None:
-            p = np.atleast_1d(self.predict(N, D))
-            return p, p
-        return tuple(np.nanpercentile(self._draws(N, D), [50 * (1 - level), 50 * (1 + level)], axis=0))
-
-    def run_sigma(self) -> float:
-        """A new run's log-normal scatter around the law: the residual RMS with the 4 fitted degrees of
-        freedom put back (as ParametricFit.run_sigma does with 5)."""
-        return self.rmse_log * float(np.sqrt(self.n / max(1, self.n - len(NAMES))))
-
-    def predict_run_interval(self, N, D, level: float = 0.95, seed: int = 0, per_draw: int = 20):
-        """Interval for ONE new run at (N, D): each bootstrap law times a run's own scatter around it."""
-        law = np.atleast_1d(self.predict(N, D))[None, :] if self.boot is None else self._draws(N, D)
-        law = np.repeat(law, per_draw, axis=0)
-        draws = law * np.exp(self.run_sigma() * np.random.default_rng(seed).standard_normal(law.shape))
-        return tuple(np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0))
-
-    def to_dict(self) -> dict:
-        d: dict = {"kind": self.kind, "N_is": self.N_is, "form": "((Nc/N)^(alpha_N/alpha_D) + Dc/D)^alpha_D"}
-        for i, name in enumerate(NAMES):
-            d[name] = float(self.params[i])
-            if self.boot is not None:
-                col = self.boot[:, i][np.isfinite(self.boot[:, i])]
-                d[f"{name}_ci"] = [float(x) for x in np.percentile(col, [2.5, 97.5])] if len(col) > 1 else None
-        d["quality"] = {"n": self.n, "rmse_log_loss": self.rmse_log, "max_rel_err": self.max_rel_err,
-                        "starts": self.starts, "bootstrap": 0 if self.boot is None else len(self.boot)}
-        d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
-        return d
-
 
 def fit_kaplan(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: int = 0,
                delta: float = HUBER_DELTA) -> KaplanFit:
     """Fit Kaplan's form; ``holdout=K`` leaves out the K largest-compute runs and reports them."""
     pts = check_points("kaplan fit", N=N, D=D, loss=loss)
     N, D, L = pts["N"], pts["D"], pts["loss"]
-    held = np.zeros(len(N), dtype=bool)
-    if holdout:
-        if not 0 < holdout < len(N) - MIN_RUNS + 1:
-            raise FitError(f"--holdout {holdout}: the kaplan fit needs at least {MIN_RUNS} of the {len(N)} runs left")
-        held[np.argsort(N * D)[-holdout:]] = True
+    held = split_holdout(N, D, holdout, MIN_RUNS, "the kaplan fit")
     fN, fD, fL = N[~held], D[~held], L[~held]
     if len(fN) < MIN_RUNS or len(np.unique(fN)) < 2 or len(np.unique(fD)) < 2:
         raise FitError(f"kaplan fit: {len(fN)} runs, {len(np.unique(fN))} sizes, {len(np.unique(fD))} budgets; its 4 "
@@ -161,10 +110,5 @@ def fit_kaplan(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: in
     res = np.log(pred) - lL
     fit = KaplanFit(params=best.x, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),
                     max_rel_err=float(np.max(np.abs(pred / fL - 1))), cost=float(best.cost), starts=len(starts), boot=boot)
-    if holdout:
-        lo, hi = fit.predict_interval(N[held], D[held])
-        p = fit.predict(N[held], D[held])
-        fit.holdout = [{"N": float(a), "D": float(b), "C": float(6 * a * b), "measured": float(m), "predicted": float(q),
-                        "predicted_ci": [float(x), float(y)], "rel_err": float(q / m - 1)}
-                       for a, b, m, q, x, y in zip(N[held], D[held], L[held], p, lo, hi)]
+    fit.holdout = holdout_report(fit, N[held], D[held], L[held])
     return fit

@@ -24,6 +24,23 @@ def _ci(lo: float, hi: float, fmt: str) -> str:
     return "" if math.isnan(lo) else f"  95% CI [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _form_lines(result, lines: list[str], names: tuple[str, ...], extra: list[str] = ()) -> list[str]:
+    """The Farseer / Kaplan summary: each parameter with its interval, fit quality, held-out runs."""
+    q = result.to_dict()
+    width = max(len(n) for n in names)
+    for name in names:
+        ci = q.get(f"{name}_ci")
+        lines.append(f"  {name:<{width}} {q[name]:.4f}" + (_ci(*ci, ".4f") if ci else ""))
+    lines += list(extra)
+    lines.append(f"  fit quality: RMSE log-loss {result.rmse_log:.4f}, max |rel err| {result.max_rel_err:.2%}, "
+                 f"{result.starts} starts")
+    for h in result.holdout:
+        lines.append(f"    holdout N={h['N']:.3g} D={h['D']:.3g}: measured {h['measured']:.4f}, predicted "
+                     f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
+                     f"error {h['rel_err']:+.2%}")
+    return lines
+
+
 def summary_lines(result) -> list[str]:
     """Human-readable lines for any fit result (what `steplab law fit` prints)."""
     if isinstance(result, list):
@@ -49,34 +66,14 @@ def summary_lines(result) -> list[str]:
                              f"{h['predicted_ci'][1]:.4f}], error {h['rel_err']:+.2%}")
         return lines
     if getattr(result, "kind", None) == "farseer":
-        q = result.to_dict()
         lines = [f"Farseer form L = exp(a3 n^g3 + b3) + exp(a2 n^g2 + b2) d^-exp(a1 n^g1 + b1), n = N/{result.N0:.4g}, "
                  f"d = D/{result.D0:.4g} ({result.n} runs)"]
-        for name in ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3"):
-            ci = q.get(f"{name}_ci")
-            lines.append(f"  {name:<3} {q[name]:.4f}" + (_ci(*ci, ".4f") if ci else ""))
         Ns = np.geomspace(result.N0 / 4, result.N0 * 4, 3)
-        lines.append("  data exponent beta(N): " + ", ".join(f"{b:.3f} at N={n:.3g}" for n, b in zip(Ns, result.beta_of(Ns))))
-        lines.append(f"  fit quality: RMSE log-loss {result.rmse_log:.4f}, max |rel err| {result.max_rel_err:.2%}, "
-                     f"{result.starts} starts")
-        for h in result.holdout:
-            lines.append(f"    holdout N={h['N']:.3g} D={h['D']:.3g}: measured {h['measured']:.4f}, predicted "
-                         f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
-                         f"error {h['rel_err']:+.2%}")
-        return lines
+        extra = "  data exponent beta(N): " + ", ".join(f"{b:.3f} at N={n:.3g}" for n, b in zip(Ns, result.beta_of(Ns)))
+        return _form_lines(result, lines, ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3"), [extra])
     if getattr(result, "kind", None) == "kaplan":
-        q = result.to_dict()
         lines = [f"Kaplan form L = ((Nc/N)^(alpha_N/alpha_D) + Dc/D)^alpha_D ({result.n} runs)"]
-        for name in ("log_Nc", "log_Dc", "alpha_N", "alpha_D"):
-            ci = q.get(f"{name}_ci")
-            lines.append(f"  {name:<7} {q[name]:.4f}" + (_ci(*ci, ".4f") if ci else ""))
-        lines.append(f"  fit quality: RMSE log-loss {result.rmse_log:.4f}, max |rel err| {result.max_rel_err:.2%}, "
-                     f"{result.starts} starts")
-        for h in result.holdout:
-            lines.append(f"    holdout N={h['N']:.3g} D={h['D']:.3g}: measured {h['measured']:.4f}, predicted "
-                         f"{h['predicted']:.4f} [{h['predicted_ci'][0]:.4f}, {h['predicted_ci'][1]:.4f}], "
-                         f"error {h['rel_err']:+.2%}")
-        return lines
+        return _form_lines(result, lines, ("log_Nc", "log_Dc", "alpha_N", "alpha_D"))
     if isinstance(result, IsoFLOPFit):
         name = "envelope (min loss per budget)" if result.approach == 1 else "IsoFLOP parabolas"
         return [f"Approach {result.approach}, {name}: {len(result.points)} compute levels",

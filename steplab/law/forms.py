@@ -1,0 +1,77 @@
+"""What the loss laws other than Chinchilla's (Farseer, Kaplan) share: a fitted parameter vector, its bootstrap
+draws, predictions with intervals for the law's mean and for one new run, and the JSON form.
+
+A subclass names its parameters (``NAMES``), its formula (``FORM``) and its prediction from a parameter vector
+(``_law(params, N, D)``); everything else is here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(kw_only=True)
+class FormFit:
+    params: np.ndarray
+    n: int
+    rmse_log: float
+    max_rel_err: float
+    cost: float
+    starts: int
+    boot: np.ndarray | None = None  # (n_bootstrap, len(NAMES))
+    holdout: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    N_is: str = "N"
+    kind = "form"  # class attributes, not fields: what a subclass names
+    NAMES = ()
+    FORM = ""
+
+    def _law(self, params: np.ndarray, N: np.ndarray, D: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, N, D) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return self._law(self.params, np.asarray(N, float), np.asarray(D, float))
+
+    def _draws(self, N, D) -> np.ndarray:
+        """The law of every bootstrap draw at (N, D): (n_bootstrap, len(N)), non-finite draws as NaN."""
+        N, D = np.atleast_1d(np.asarray(N, float)), np.atleast_1d(np.asarray(D, float))
+        with np.errstate(all="ignore"):
+            draws = np.array([self._law(b, N, D) for b in self.boot])
+        draws[~np.isfinite(draws)] = np.nan
+        return draws
+
+    def predict_interval(self, N, D, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds on the law's mean (bootstrap percentiles)."""
+        if self.boot is None:
+            p = np.atleast_1d(self.predict(N, D))
+            return p, p
+        lo, hi = np.nanpercentile(self._draws(N, D), [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return lo, hi
+
+    def run_sigma(self) -> float:
+        """A new run's log-normal scatter around the law: the residual RMS with the fitted degrees of freedom put
+        back (as ParametricFit.run_sigma does)."""
+        return self.rmse_log * float(np.sqrt(self.n / max(1, self.n - len(self.NAMES))))
+
+    def predict_run_interval(self, N, D, level: float = 0.95, seed: int = 0, per_draw: int = 20):
+        """Interval for ONE new run at (N, D): each bootstrap law times a run's own scatter around it."""
+        law = np.atleast_1d(self.predict(N, D))[None, :] if self.boot is None else self._draws(N, D)
+        law = np.repeat(law, per_draw, axis=0)
+        draws = law * np.exp(self.run_sigma() * np.random.default_rng(seed).standard_normal(law.shape))
+        lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return lo, hi
+
+    def to_dict(self) -> dict:
+        d: dict = {"kind": self.kind, "N_is": self.N_is, "form": self.FORM}
+        for i, name in enumerate(self.NAMES):
+            d[name] = float(self.params[i])
+            if self.boot is not None:
+                col = self.boot[:, i][np.isfinite(self.boot[:, i])]
+                d[f"{name}_ci"] = [float(x) for x in np.percentile(col, [2.5, 97.5])] if len(col) > 1 else None
+        d["quality"] = {"n": self.n, "rmse_log_loss": self.rmse_log, "max_rel_err": self.max_rel_err,
+                        "starts": self.starts, "bootstrap": 0 if self.boot is None else len(self.boot)}
+        d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
+        return d
