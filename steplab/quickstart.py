@@ -411,7 +411,7 @@ def plan_big_run(fit, table, target_C: float, grid: dict, data_dir: Path, out_di
             note += f" (D_opt 95% interval [{interval[0]:.3g}, {interval[1]:.3g}]"
             note += (f": wider than {D_OPT_MAX_RATIO:g}x, so the fit cannot choose D anyway)"
                      if interval[1] / interval[0] > D_OPT_MAX_RATIO else ")")
-        p = plan(compute=target_C, params=N, **kw)
+        p = plan(compute=target_C, params=N, fit=fit, **kw)  # plan.toml's header then quotes this sweep's law
     else:
         N, D = target_C / (6 * unique_tokens), unique_tokens
         note = "no usable fit: N = C / 6D at the D the data allows"
