@@ -5,7 +5,7 @@ peak lr (WSD: warm-up 5% of the largest budget, stable, decay 20% of each branch
 sizes of the sweep's family at several multiples of the current rule's lr, as the same WSD branches, on a data
 split of its own (``--seed``, default 7, which no quickstart default uses), and scores every run at the largest
 budget twice: on the data split's own validation documents (what a quickstart sweep sees) and on a large
-held-out set (the stdlib modules after the corpus cap, ~340 files, which no run trains on), which is the
+held-out set (the stdlib modules after the quickstart's corpus cap, ~240 files, which no run trains on), which is the
 measurement the best lr is read from. Then: the best lr per size (vertex of a parabola in log lr through the
 best point and its neighbours) and the least-squares power law lr = lr0 (N / 1.06e5)^a through those that lie
 inside their grid.
