@@ -113,3 +113,16 @@ def test_eval_refuses_zero_candidates(sm, capsys):
     with pytest.raises(SystemExit, match="--tts-renderings must be >= 0"):
         main(["eval", str(sm.run), "--task", "tts", "--tts-candidates", "2", "--tts-renderings", "-1", "--device", "cpu"])
 
+
+
+def test_continuation_logprob_is_the_teacher_forced_sum(sm):
+    import torch
+
+    prompts = [[sm.vocab.text.bos_id, sm.vocab.open_id, 5, 6, sm.vocab.close_id], [sm.vocab.text.bos_id, sm.vocab.open_id]]
+    targets = [[sm.vocab.text.encode("one")[0], sm.vocab.text.eos_id], [sm.vocab.text.eos_id]]
+    got = sm.continuation_logprob(prompts, targets)
+    for p, t, g in zip(prompts, targets, got):  # each sequence alone, unpadded, summed position by position
+        with torch.no_grad():
+            logp = sm.model(torch.tensor([p + t])).float().log_softmax(-1)[0]
+        want = sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(t))
+        assert g == pytest.approx(want, abs=1e-4) and g < 0

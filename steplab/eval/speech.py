@@ -16,6 +16,7 @@ and the MFCC + logistic-regression baseline that is also that judge.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -182,8 +183,8 @@ class SpeechModel:
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
         logp = self.model(ids.to(device)).float().log_softmax(-1).cpu()
-        return [float(sum(logp[i, len(p) - 1 + j, tok] for j, tok in enumerate(t)))
-                for i, (p, t) in enumerate(zip(prompts, targets))]
+        nxt = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p of each next token
+        return [float(nxt[i, len(p) - 1:len(p) - 1 + len(t)].sum()) for i, (p, t) in enumerate(zip(prompts, targets))]
 
     def sample_speech(self, texts: list[str], *, temperature: float = 0.7, top_k: int = 0, seed: int = 0) -> list[np.ndarray]:
         """One sampled utterance per text: text -> audio tokens -> acoustic decoder -> Griffin-Lim (8 kHz)."""
@@ -262,8 +263,6 @@ def tts_intelligibility(sm: SpeechModel, judge, samples: int = 10, seed: int = 0
     choosing sampler settings without touching the judge). ``candidates`` k: best-of-k by the model's own ASR;
     ``own_asr_accepted`` reports, for each k' <= k in powers of two, how many utterances had a candidate among
     their first k' that the verifier accepted (nested seeds make that exactly best-of-k''s acceptance)."""
-    import time
-
     spoken: list[Spoken] = []
     t0 = time.perf_counter()
     for k in range(samples):  # one seed per round, every word in the batch: deterministic per (seed, k)

@@ -21,7 +21,7 @@ from scipy.optimize import least_squares
 
 from steplab.errors import FitError
 from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
-from steplab.law.forms import FormFit
+from steplab.law.forms import FormFit, solve_and_bootstrap
 
 NAMES = ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3")
 MIN_RUNS = 12
@@ -99,19 +99,8 @@ def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: i
     rng = np.random.default_rng(seed)
     base = np.array([0.0, np.log(0.3), 0.0, 0.0, np.log(0.2 * fL.min()), 0.0, 0.0, np.log(0.8 * fL.min()), 0.0])
     starts = [base] + [base + rng.normal(0, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.3, 0.2, 0.5]) for _ in range(n_starts - 1)]
-    best = None
-    for x0 in starts:
-        r = _solve(x0, n, d, lL, delta)
-        if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
-            best = r
-    if best is None:
-        raise FitError("farseer fit: the solver failed from every start; check the table for outliers")
-    boot = None
-    if n_bootstrap:
-        boot = np.empty((n_bootstrap, 9))
-        for i in range(n_bootstrap):
-            idx = rng.integers(0, len(n), len(n))
-            boot[i] = _solve(best.x, n[idx], d[idx], lL[idx], delta, max_nfev=300).x
+    best, boot = solve_and_bootstrap(lambda x0, *a, max_nfev=1000: _solve(x0, *a, delta, max_nfev=max_nfev), starts,
+                                     (n, d, lL), n_bootstrap, rng, "farseer fit", boot_nfev=300)
     pred = _predict(best.x, n, d)
     res = np.log(pred) - lL
     fit = FarseerFit(params=best.x, N0=N0, D0=D0, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from steplab.errors import FitError
+
 
 @dataclass(kw_only=True)
 class FormFit:
@@ -75,3 +77,23 @@ class FormFit:
                         "starts": self.starts, "bootstrap": 0 if self.boot is None else len(self.boot)}
         d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
         return d
+
+
+def solve_and_bootstrap(solve, starts, arrays: tuple[np.ndarray, ...], n_bootstrap: int, rng: np.random.Generator,
+                        what: str, boot_nfev: int):
+    """The lowest-cost solution of ``solve(x0, *arrays)`` over ``starts``, and ``n_bootstrap`` refits from it on
+    runs resampled with replacement (``solve(best, *resampled, max_nfev=boot_nfev)``): (best, draws or None)."""
+    best = None
+    for x0 in starts:
+        r = solve(x0, *arrays)
+        if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
+            best = r
+    if best is None:
+        raise FitError(f"{what}: the solver failed from every start; check the table for outliers")
+    if not n_bootstrap:
+        return best, None
+    boot = np.empty((n_bootstrap, len(best.x)))
+    for i in range(n_bootstrap):
+        idx = rng.integers(0, len(arrays[0]), len(arrays[0]))
+        boot[i] = solve(best.x, *(a[idx] for a in arrays), max_nfev=boot_nfev).x
+    return best, boot

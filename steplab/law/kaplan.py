@@ -21,7 +21,7 @@ from scipy.optimize import least_squares
 
 from steplab.errors import FitError
 from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
-from steplab.law.forms import FormFit
+from steplab.law.forms import FormFit, solve_and_bootstrap
 
 NAMES = ("log_Nc", "log_Dc", "alpha_N", "alpha_D")
 MIN_RUNS = 6
@@ -88,24 +88,11 @@ def fit_kaplan(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: in
                        f"parameters need at least {MIN_RUNS} runs over 2 sizes and 2 budgets")
     lN, lD, lL = np.log(fN), np.log(fD), np.log(fL)
     with np.errstate(all="ignore"):
-        lnc, ldc, aN, aD = (GRID[:, i, None] for i in range(4))
-        r = aD * np.logaddexp((aN / aD) * (lnc - lN), ldc - lD) - lL
+        r = _log_predict(GRID.T[:, :, None], lN, lD) - lL  # every start at once: (starts, runs)
         score = np.where(np.isfinite(r), np.minimum(r ** 2, 1e6), 1e6).sum(axis=1)
     starts = GRID[np.argsort(score)[:N_SOLVES]]
-    best = None
-    for x0 in starts:
-        r = _solve(x0, lN, lD, lL, delta)
-        if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
-            best = r
-    if best is None:
-        raise FitError("kaplan fit: the solver failed from every start; check the table for outliers")
-    boot = None
-    if n_bootstrap:
-        rng = np.random.default_rng(seed)
-        boot = np.empty((n_bootstrap, len(NAMES)))
-        for i in range(n_bootstrap):
-            idx = rng.integers(0, len(lN), len(lN))
-            boot[i] = _solve(best.x, lN[idx], lD[idx], lL[idx], delta, max_nfev=200).x
+    best, boot = solve_and_bootstrap(lambda x0, *a, max_nfev=400: _solve(x0, *a, delta, max_nfev=max_nfev), starts,
+                                     (lN, lD, lL), n_bootstrap, np.random.default_rng(seed), "kaplan fit", boot_nfev=200)
     pred = np.exp(_log_predict(best.x, lN, lD))
     res = np.log(pred) - lL
     fit = KaplanFit(params=best.x, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),
