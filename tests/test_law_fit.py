@@ -11,7 +11,8 @@ import pytest
 
 from steplab.cli import main
 from steplab.errors import DataError, FitError
-from steplab.law.fit import FitWarning, fit_isoflop, fit_parametric, fit_table
+from steplab.law.fit import FitWarning, fit_parametric, fit_table
+from steplab.law.isoflop import fit_isoflop
 from steplab.law.tables import best_per_cell, load_table, table_from_columns
 
 

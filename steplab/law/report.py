@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steplab.law.fit import IsoFLOPFit, ParametricFit
+from steplab.law.fit import ParametricFit
+from steplab.law.isoflop import IsoFLOPFit
 from steplab.law.hparams import COEF_NAMES, PUBLISHED, HparamCoefs, HparamFit, select_near_best
 from steplab.law.tables import RunsTable
 from steplab.utils import atomic_write, atomic_write_text
