@@ -397,10 +397,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # colour that is present"; docs/LOG.md, sessions 7 and 9)
     "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
         image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1, image_place="end", slot_loss=1.0)),
-        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50)),
+        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50, batch_size=32)),
     "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
         image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2, image_place="end", slot_loss=1.0)),
-        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50)),
+        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50, batch_size=32)),
     # Step-Video (issue 21): 32x32 bouncing digits, 17 frames; VAE 4x4 spatial, 4x temporal -> 5x8x8x8 latents
     "stepvideo-vae-nano": dict(model=dict(family="video-vae", video=dict(channels=32, z_channels=8)),
                                data=dict(kind="video-clips", path="builtin"),

@@ -202,7 +202,7 @@ def test_eval_metrics_exact_match_equals_teacher_forced_argmax(tok):
     assert m["val_loss"] == pytest.approx(loss, rel=1e-4)
 
 
-def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path):
+def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path, capsys):
     from steplab.train.metrics import read_jsonl
     from steplab.train.trainer import train
 
@@ -220,6 +220,16 @@ def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path):
     losses = lambda run: [r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses("full") == losses("part") and len(losses("full")) == 4
     assert {"val_loss", "val_answer_acc"} <= set(full) and (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
+    # `steplab eval --task vqa --checkpoint`: an earlier checkpoint of the run, not the latest
+    import json
+
+    from steplab.cli import main
+    from steplab.train.checkpoint import checkpoint_dir
+
+    step2 = checkpoint_dir(tmp_path / "full") / "step_00000002"
+    assert main(["eval", str(tmp_path / "full"), "--task", "vqa", "-n", "6", "--checkpoint", str(step2)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["step"] == 2
 
 
 def test_images_go_after_the_text_with_place_end(tok):
@@ -248,16 +258,16 @@ def test_slot_targets_name_each_cells_words(tok):
     sc = vqa.make_scene(12345)
     words = vqa.cell_words(sc)
     for k in range(9):
-        want = [i for w in words[k] for i in tok.encode(w)]
+        want = list(dict.fromkeys(i for w in words[k] for form in ("", " ") for i in tok.encode(form + w)))
         assert t[k, :len(want)].tolist() == want and (t[k, len(want):] == -100).all()
-    for o in sc.objects:  # an object's cell starts with its colour's and shape's tokens
-        assert t[o.cell, :2].tolist() == tok.encode(o.colour) + tok.encode(o.shape)
+    for o in sc.objects:  # an object's cell starts with its colour's and shape's tokens, as answered and as asked
+        assert t[o.cell, :4].tolist() == tok.encode(o.colour) + tok.encode(" " + o.colour) + tok.encode(o.shape) + tok.encode(" " + o.shape)
     _, labels, splits = I.digit_source("sklearn")
     idx = tuple(int(i) for i in splits["test"][:4])
     d = I.slot_targets(tok, ("digits", "sklearn", idx), 9)
     for cell, i in zip(I.DIGIT_CELLS, idx):
         assert d[cell, 0].item() == tok.encode(str(labels[i]))[0]
-    assert d[4, :1].tolist() == tok.encode("centre")[:1]  # an empty cell: its position only
+    assert d[4].tolist() == tok.encode("centre") + tok.encode(" centre") + [-100] * (I.SLOT_WORDS - 2)  # empty: position only
     assert (I.slot_targets(tok, ("scene", 1), 36) == -100).all()  # not one token per cell: no targets
 
 

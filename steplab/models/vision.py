@@ -4,7 +4,11 @@ Layout (LLaVA's): image (B, 3, H, W) -> patch embedding (a stride-p convolution)
 n_layer x [LayerNorm -> bidirectional attention -> residual, LayerNorm -> GELU MLP -> residual] -> LayerNorm
 -> pixel shuffle (s x s neighbouring patches concatenated into one vector: s^2 fewer image tokens, as in
 nanoVLM/Idefics3) -> MLP projector into the decoder's width -> the Step-1 decoder (models/dense.py, unchanged),
-which reads the image tokens at the image's place in the conversation.
+which reads the image tokens at the image's place in the conversation: at the start of the user's message
+(LLaVA's order) or, in the step1v presets, after its text (``vision.image_place="end"``), so every image token
+can attend to the question; and a *slot loss* (``vision.slot_loss``, :meth:`Step1V.slot_loss`) trains the
+decoder's output at image token k to name the words of grid cell k. Without both, the decoder never learned to
+look anything up in the image (docs/LOG.md, issue 19).
 
 Where an image goes: the token sequence holds ``cfg.vision.n_tokens`` image *slots* per image, marked by the
 ``<|pad|>`` id (``IMAGE_SLOT``); the decoder's embedding of those positions is replaced by the projected image
