@@ -229,7 +229,11 @@ def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path, capsys):
     step2 = checkpoint_dir(tmp_path / "full") / "step_00000002"
     assert main(["eval", str(tmp_path / "full"), "--task", "vqa", "-n", "6", "--checkpoint", str(step2)]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["step"] == 2
+    res = json.loads(out[out.index("{"):])
+    assert res["step"] == 2
+    swap = res["swap"]  # split by question group, the groups' counts adding up to the whole
+    assert swap["non_relational"]["n"] + swap["relational"]["n"] == swap["n"]
+    assert swap["non_relational"]["changed"] + swap["relational"]["changed"] == swap["changed"]
 
 
 def test_images_go_after_the_text_with_place_end(tok):

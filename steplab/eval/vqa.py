@@ -104,13 +104,19 @@ def run_vqa(model, tokenizer, n: int = 600, seed: int = 0, checks: bool = True, 
             swapped = answer(engine, tokenizer, [samples[i] for i, _ in pairs],
                              [I.draw(("scene", sid)) for _, sid in pairs], n_tok, place)
             changed = [a != outputs[i] for (i, _), a in zip(pairs, swapped)]
-            out["swap"] = {"n": len(pairs), "changed": sum(changed), "change_rate": sum(changed) / max(len(pairs), 1)}
+            out["swap"] = _changes(changed)
+            for group, types in (("non_relational", vqa.NON_RELATIONAL), ("relational", vqa.RELATIONAL)):
+                out["swap"][group] = _changes([c for (i, _), c in zip(pairs, changed) if samples[i].qtype in types])
     if checks:
         with Engine(ZeroImages(model), tokenizer, name="vqa-zeroed", max_batch=max_batch, max_queue=1 << 30) as engine:
             zeroed = answer(engine, tokenizer, sub, [pixels[i] for i in scene], n_tok, place)
         out["zeroed"] = vqa.accuracy_by_type(sub, zeroed)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _changes(changed: list[bool]) -> dict:
+    return {"n": len(changed), "changed": sum(changed), "change_rate": sum(changed) / max(len(changed), 1)}
 
 
 def markdown(res: dict) -> str:
@@ -126,5 +132,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {t} | {r['n']} | {r['accuracy']:.1%} | {ch} | {extra} |")
     if "swap" in res:
         s = res["swap"]
-        lines.append(f"\nswapped image with a different answer: the answer changed {s['change_rate']:.1%} ({s['changed']}/{s['n']})")
+        lines.append(f"\nswapped image with a different answer: the answer changed {s['change_rate']:.1%} ({s['changed']}/{s['n']})"
+                     + "".join(f"; {g} {s[g]['change_rate']:.1%} ({s[g]['changed']}/{s[g]['n']})" for g in ("non_relational", "relational")
+                               if s.get(g, {}).get("n")))
     return "\n".join(lines)
