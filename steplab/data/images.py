@@ -122,8 +122,8 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 MIXTURES = {  # (kind, weight): stage 1 aligns on captions; stage 2 asks every question type and keeps the scene
     # captions, whose every token is about the image (dense supervision that teaches the encoder where things are).
-    # "colour of the object at <position>" weighs 3: alone it was learned in 600 steps, in an even mixture it stayed
-    # at chance for 1,600 (the other types' lookups key on colour; this one keys on position; docs/LOG.md)
+    # "colour of the object at <position>" weighs 3: alone it was learned by step 600; in an even mix with shape and
+    # position questions it sat at chance until step 1,700 (theirs key on colour, it keys on position; docs/LOG.md)
     "captions": (("caption", 1.0), ("digits", 1.0)),
     "vqa": tuple((t, 3.0 if t == "colour" else 1.0) for t in vqa.SCENE_TYPES) + (("caption", 2.0), ("digits", 2.0)),
 }
