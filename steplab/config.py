@@ -392,9 +392,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
     # Step-1V (issue 19): 48x48 images; nano: 16x16 patches (one per cell of the drawn 3x3 grid) -> 9 image tokens;
-    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro.
-    # Step-1V (issue 19): images after the question, the slot loss, lr 5e-4 (3e-3 trapped the decoder in "answer a
-    # colour that is present"; docs/LOG.md, sessions 7 and 9)
+    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro. Images after
+    # the question, the slot loss, lr 5e-4 (3e-3 trapped the decoder in "answer a colour that is present"; docs/LOG.md)
     "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
         image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1, image_place="end", slot_loss=1.0)),
         data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50, batch_size=32)),
