@@ -40,7 +40,7 @@ def main() -> None:
     samples = I.held_out_samples(args.n, "vqa", args.seed)
     pixels = [I.draw(s.image) for s in samples]
     with Engine(model, tok, max_batch=16, max_queue=1 << 20) as engine:
-        expected = answer(engine, tok, samples, pixels, cfg.model.vision.n_tokens)
+        expected = answer(engine, tok, samples, pixels, cfg.model.vision.n_tokens, cfg.model.vision.image_place)
     app = create_app({"step-1v": (model, tok)}, api_keys=None)
     got = []
     with Server(app) as srv, httpx.Client(timeout=120) as client:

@@ -66,6 +66,12 @@ class VisionConfig:
     # the projector's lr = train.lr x this. nanoVLM uses ~100x over *pretrained* backbones; here every part starts
     # from scratch, and 10x blew the projector's output up ~10^4-fold over the token embeddings (docs/LOG.md)
     projector_lr_mult: float = 1.0
+    # where a message's image tokens go: "start" (LLaVA's order) or "end" (after the text, so each image token can
+    # attend to the question); and the slot loss's weight (image token k is read, through the decoder's output head,
+    # as the words of grid cell k). The defaults are the first session's model (old checkpoints load as they were);
+    # the step1v presets use "end" and 1.0, without which the decoder never learned its lookups (docs/LOG.md)
+    image_place: str = "start"
+    slot_loss: float = 0.0
     freeze_encoder: bool = False
     freeze_decoder: bool = False
 
@@ -241,6 +247,11 @@ def _validate_vision(m: ModelConfig) -> None:
         raise ConfigError(f"model.vision.n_head={v.n_head} must divide model.vision.d_model={v.d_model} into even head dims")
     if v.d_model % 4:
         raise ConfigError(f"model.vision.d_model={v.d_model} must be a multiple of 4 (2D sin-cos position encoding)")
+    if v.image_place not in ("start", "end"):
+        raise ConfigError(f"model.vision.image_place={v.image_place!r} must be 'start' or 'end'")
+    if v.slot_loss > 0 and v.n_tokens != 9:
+        raise ConfigError(f"model.vision.slot_loss needs one image token per cell of the 3x3 grid (9), but this vision "
+                          f"config gives {v.n_tokens}; set model.vision.slot_loss=0 or change patch_size/pixel_shuffle")
 
 
 def _validate_rope(m: ModelConfig) -> None:
@@ -304,7 +315,7 @@ RANGES: dict[str, Range] = {
     "model.vision.patch_size": AT_LEAST_1, "model.vision.d_model": AT_LEAST_1, "model.vision.n_layer": AT_LEAST_1,
     "model.vision.n_head": AT_LEAST_1, "model.vision.pixel_shuffle": AT_LEAST_1,
     "model.vision.projector_hidden": AT_LEAST_0,  # 0: the decoder's d_model
-    "model.vision.projector_lr_mult": POSITIVE,
+    "model.vision.projector_lr_mult": POSITIVE, "model.vision.slot_loss": AT_LEAST_0,
     "model.moe.n_experts": AT_LEAST_0,  # 0: dense (Step-1)
     "model.moe.top_k": AT_LEAST_1, "model.moe.n_shared": AT_LEAST_0,
     "model.moe.d_expert": AT_LEAST_0,  # 0: model.d_ff
@@ -381,13 +392,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "step2-micro": dict(model=dict(d_model=256, n_layer=6, n_head=4, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=232, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~4.8M, N ~11.2M
     "step2-mini": dict(model=dict(d_model=512, n_layer=8, n_head=8, moe=dict(n_experts=8, top_k=2, n_shared=1, d_expert=464, score="sigmoid", bias_update_rate=1e-2))),  # N_a ~25.5M, N ~59.7M
     # Step-1V (issue 19): 48x48 images; nano: 16x16 patches (one per cell of the drawn 3x3 grid) -> 9 image tokens;
-    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro.
+    # micro: 8x8 patches (6x6) pixel-shuffled 2x2 -> 9 image tokens. Decoders: step1-nano / step1-micro. Images after
+    # the question, the slot loss, lr 5e-4 (3e-3 trapped the decoder in "answer a colour that is present"; docs/LOG.md)
     "step1v-nano": dict(model=dict(family="step1v", d_model=128, n_layer=4, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1)),
-        data=dict(kind="vqa", path="vqa", seq_len=48)),
+        image_size=48, patch_size=16, d_model=128, n_layer=2, n_head=4, pixel_shuffle=1, image_place="end", slot_loss=1.0)),
+        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50, batch_size=32)),
     "step1v-micro": dict(model=dict(family="step1v", d_model=256, n_layer=6, n_head=4, max_seq_len=64, vision=dict(
-        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2)),
-        data=dict(kind="vqa", path="vqa", seq_len=48)),
+        image_size=48, patch_size=8, d_model=192, n_layer=4, n_head=4, pixel_shuffle=2, image_place="end", slot_loss=1.0)),
+        data=dict(kind="vqa", path="vqa", seq_len=48), train=dict(lr=5e-4, warmup_steps=50, batch_size=32)),
     # Step-Video (issue 21): 32x32 bouncing digits, 17 frames; VAE 4x4 spatial, 4x temporal -> 5x8x8x8 latents
     "stepvideo-vae-nano": dict(model=dict(family="video-vae", video=dict(channels=32, z_channels=8)),
                                data=dict(kind="video-clips", path="builtin"),

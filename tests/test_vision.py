@@ -177,8 +177,9 @@ def test_stream_is_deterministic_resumable_and_masks_the_answer_only(tok):
     d2.load_state_dict(state)
     b2 = d2.next_batch()
     assert all(torch.equal(x, y) for x, y in zip(b1, b2))
-    idx, targets, imgs = b1
+    idx, targets, imgs, slot_targets = b1
     assert idx.shape == targets.shape == (4, 48) and imgs.shape == (4, 3, 48, 48)
+    assert slot_targets.shape == (4, 9, I.SLOT_WORDS)
     end = tok.special_ids["<|end|>"]
     for row in range(4):
         t = targets[row][targets[row] != -100].tolist()
@@ -196,12 +197,12 @@ def test_eval_metrics_exact_match_equals_teacher_forced_argmax(tok):
     d = I.VQAData("vqa", I.build_tokenizer(), batch_size=8, seq_len=48, n_image_tokens=9, eval_batches=1)
     m = model.eval_metrics(d.eval_batches())
     assert m["val_loss"] > 0 and 0 <= m["val_answer_acc"] <= 1
-    idx, targets, imgs = next(iter(d.eval_batches()))
+    idx, targets, imgs, _ = next(iter(d.eval_batches()))
     loss = model(idx, targets, imgs).item()
     assert m["val_loss"] == pytest.approx(loss, rel=1e-4)
 
 
-def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path):
+def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path, capsys):
     from steplab.train.metrics import read_jsonl
     from steplab.train.trainer import train
 
@@ -219,3 +220,90 @@ def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path):
     losses = lambda run: [r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses("full") == losses("part") and len(losses("full")) == 4
     assert {"val_loss", "val_answer_acc"} <= set(full) and (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
+    # `steplab eval --task vqa --checkpoint`: an earlier checkpoint of the run, not the latest
+    import json
+
+    from steplab.cli import main
+    from steplab.train.checkpoint import checkpoint_dir
+
+    step2 = checkpoint_dir(tmp_path / "full") / "step_00000002"
+    assert main(["eval", str(tmp_path / "full"), "--task", "vqa", "-n", "6", "--checkpoint", str(step2)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert res["step"] == 2
+    swap = res["swap"]  # split by question group, the groups' counts adding up to the whole
+    assert swap["non_relational"]["n"] + swap["relational"]["n"] == swap["n"]
+    assert swap["non_relational"]["changed"] + swap["relational"]["changed"] == swap["changed"]
+
+
+def test_images_go_after_the_text_with_place_end(tok):
+    s = vqa.Sample(("scene", 10), "what shape is the red object?", "circle", "shape")
+    start, mask_start = I.render(tok, s, 9)
+    end, mask_end = I.render(tok, s, 9, "end")
+    user, close = tok.special_ids["<|user|>"], tok.special_ids["<|end|>"]
+    first_end = end.index(close)
+    assert end[first_end - 9:first_end] == [IMAGE_SLOT] * 9 and end.count(IMAGE_SLOT) == 9
+    assert end[end.index(user) + 1] != IMAGE_SLOT  # the question's text comes first
+    assert sorted(start) == sorted(end)  # the same tokens, moved
+    # the assistant's answer and its mask are the same tokens in both orders
+    assert [t for t, m in zip(start, mask_start) if m] == [t for t, m in zip(end, mask_end) if m] == tok.encode("circle") + [close]
+    # two images in the first of two user messages: all 18 slots close that message
+    ids, _ = I.insert_image_slots(tok, [0, user, 50, 51, close, user, 52, close], [2, 0], 9, place="end")
+    assert ids == [0, user, 50, 51] + [IMAGE_SLOT] * 18 + [close, user, 52, close]
+    with pytest.raises(ConfigError, match="image place 'middle'"):
+        I.insert_image_slots(tok, [0, user, 50, close], [1], 9, place="middle")
+
+
+def test_slot_targets_name_each_cells_words(tok):
+    O = vqa.Obj
+    scene = vqa.Scene(0, (O("red", "circle", 0, (0, 0)), O("blue", "square", 4, (0, 0))))
+    assert vqa.cell_words(scene)[:2] == [("red", "circle", "top left"), ("top",)]
+    t = I.slot_targets(tok, ("scene", 12345), 9)
+    sc = vqa.make_scene(12345)
+    words = vqa.cell_words(sc)
+    for k in range(9):
+        want = list(dict.fromkeys(i for w in words[k] for form in ("", " ") for i in tok.encode(form + w)))
+        assert t[k, :len(want)].tolist() == want and (t[k, len(want):] == -100).all()
+    for o in sc.objects:  # an object's cell starts with its colour's and shape's tokens, as answered and as asked
+        assert t[o.cell, :4].tolist() == tok.encode(o.colour) + tok.encode(" " + o.colour) + tok.encode(o.shape) + tok.encode(" " + o.shape)
+    _, labels, splits = I.digit_source("sklearn")
+    idx = tuple(int(i) for i in splits["test"][:4])
+    d = I.slot_targets(tok, ("digits", "sklearn", idx), 9)
+    for cell, i in zip(I.DIGIT_CELLS, idx):
+        assert d[cell, 0].item() == tok.encode(str(labels[i]))[0]
+    assert d[4].tolist() == tok.encode("centre") + tok.encode(" centre") + [-100] * (I.SLOT_WORDS - 2)  # empty: position only
+    assert (I.slot_targets(tok, ("scene", 1), 36) == -100).all()  # not one token per cell: no targets
+
+
+def test_slot_loss_is_the_summed_word_cross_entropy_per_image_token(tok):
+    torch.manual_seed(0)
+    cfg = small_cfg(tok.vocab_size, slot_loss=0.5, image_place="end")
+    model = Step1V(cfg)
+    samples = I.held_out_samples(3, "vqa", seed=2)
+    idx, targets, imgs, st = I.collate(tok, samples, 9, 48, "end")
+    with torch.no_grad():
+        logits = model(idx, None, imgs)
+        plain = model(idx, targets, imgs).item()  # without slot targets: the answer loss alone
+        total = model(idx, targets, imgs, st).item()
+    lp = logits[idx == IMAGE_SLOT].log_softmax(-1)  # (27, V): the images' tokens in order
+    flat = st.reshape(27, -1)
+    per_token = [-sum(lp[k, w].item() for w in flat[k].tolist() if w != -100) for k in range(27)]
+    assert plain == pytest.approx(torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100]).item(), rel=1e-5)
+    assert total == pytest.approx(plain + 0.5 * sum(per_token) / 27, rel=1e-5)
+    cfg0 = small_cfg(tok.vocab_size, slot_loss=0.0)  # the first session's default: the targets are ignored
+    model0 = Step1V(cfg0)
+    with torch.no_grad():
+        assert model0(idx, targets, imgs, st).item() == model0(idx, targets, imgs).item()
+
+
+def test_presets_use_the_measured_recipe_and_old_configs_keep_theirs():
+    nano = preset("step1v-nano")
+    assert (nano.model.vision.image_place, nano.model.vision.slot_loss) == ("end", 1.0)
+    assert nano.train.lr == 5e-4
+    from steplab.config import VisionConfig
+    old = VisionConfig(image_size=48, patch_size=16)  # a first-session checkpoint's config has neither field
+    assert (old.image_place, old.slot_loss) == ("start", 0.0)
+    with pytest.raises(ConfigError, match="image_place"):
+        resolve("step1v-nano", overrides=["model.vision.image_place=middle"])
+    with pytest.raises(ConfigError, match="one image token per cell"):
+        resolve("step1v-nano", overrides=["model.vision.patch_size=8"])

@@ -58,7 +58,7 @@ def test_api_answers_equal_the_eval_answers(served):
     samples = I.held_out_samples(6, "vqa", seed=1)
     pixels = [I.draw(s.image) for s in samples]
     with Engine(model, tok, max_batch=4) as engine:
-        expected = answer(engine, tok, samples, pixels, model.cfg.vision.n_tokens)
+        expected = answer(engine, tok, samples, pixels, model.cfg.vision.n_tokens, model.cfg.vision.image_place)
     for s, p, want in zip(samples, pixels, expected):
         r = chat(srv, user(s.prompt, png(p)), max_tokens=32)
         assert r.status_code == 200, r.text

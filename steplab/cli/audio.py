@@ -55,7 +55,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speech-split", choices=["test", "dev"], default="test",
                    help="--task asr: the test split (default) or the selection set carved from training (choose checkpoints on dev)")
     g.add_argument("--checkpoint", dest="speech_checkpoint", metavar="DIR",
-                   help="--task asr/tts: a specific checkpoint directory of the run (default: the latest)")
+                   help="--task asr/tts/vqa: a specific checkpoint directory of the run (default: the latest)")
 
 
 def cmd_tokenizer_train_audio(args) -> int:

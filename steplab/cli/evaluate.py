@@ -132,7 +132,8 @@ def _vqa(args) -> int:
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
-    cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
+    checkpoint = getattr(args, "speech_checkpoint", None)  # --checkpoint (cli/audio.py defines it for every task)
+    cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device), checkpoint=checkpoint)
     if cfg.model.vision.image_size == 0:
         from steplab.errors import ConfigError
 

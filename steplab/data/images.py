@@ -7,8 +7,10 @@
 - :class:`VQAData`: the ``vqa`` data kind. ``data.path`` chooses the mixture: ``captions`` (stage 1: scene and
   digit captions) or ``vqa`` (stage 2: scene questions of every type plus digit captions); a ``:mnist`` suffix
   draws the digit grids from MNIST instead. Every example is a one-turn conversation under the chat template,
-  the image slots (``models.vision.IMAGE_SLOT``) right after the user's turn opener, the loss on the
-  assistant's answer only. Example k of the stream is a pure function of (seed, k): resume is exact.
+  the image slots (``models.vision.IMAGE_SLOT``) at ``model.vision.image_place`` in the user's turn (after its
+  opener or before its closing <|end|>), the loss on the assistant's answer only, plus per image token the words
+  of its grid cell (:func:`slot_targets`, for the model's slot loss). Example k of the stream is a pure function
+  of (seed, k): resume is exact.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ RGB = {"red": (230, 30, 30), "green": (30, 190, 30), "blue": (40, 80, 255), "ora
 RADIUS = 5
 DIGIT_HELD_OUT = 0.2  # share of each digit source's images that only held-out grids use
 IGNORE = -100
+IMAGE_PLACES = ("start", "end")  # where a message's image slots go (model.vision.image_place; the presets use "end")
 
 
 # ---- drawing ----------------------------------------------------------------------------------------------
@@ -118,9 +121,11 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 # ---- samples ----------------------------------------------------------------------------------------------
 
 MIXTURES = {  # (kind, weight): stage 1 aligns on captions; stage 2 asks every question type and keeps the scene
-    # captions, whose every token is about the image (dense supervision that teaches the encoder where things are)
+    # captions, whose every token is about the image (dense supervision that teaches the encoder where things are).
+    # "colour of the object at <position>" weighs 3: alone it was learned by step 600; in an even mix with shape and
+    # position questions it sat at chance until step 1,700 (theirs key on colour, it keys on position; docs/LOG.md)
     "captions": (("caption", 1.0), ("digits", 1.0)),
-    "vqa": tuple((t, 1.0) for t in vqa.SCENE_TYPES) + (("caption", 2.0), ("digits", 2.0)),
+    "vqa": tuple((t, 3.0 if t == "colour" else 1.0) for t in vqa.SCENE_TYPES) + (("caption", 2.0), ("digits", 2.0)),
 }
 
 
@@ -163,49 +168,96 @@ def build_tokenizer(vocab_size: int = 512) -> Path:
 
 
 def insert_image_slots(tokenizer, ids: list[int], counts: list[int], n_tokens: int,
-                       mask: list[int] | None = None) -> tuple[list[int], list[int] | None]:
-    """Chat-template ids (and their assistant mask) with ``counts[k] * n_tokens`` image slots (mask 0) right after
-    message k's role marker.
+                       mask: list[int] | None = None, place: str = "start") -> tuple[list[int], list[int] | None]:
+    """Chat-template ids (and their assistant mask) with ``counts[k] * n_tokens`` image slots (mask 0) in
+    message k: right after its role marker (``place="start"``, LLaVA's order) or right before its closing
+    <|end|> (``"end"``: after the text, so each image token can attend to the question; models/vision.py).
 
     Message k's marker is the k-th role marker in ``ids``: contents are plain text and never hold control ids,
-    so the markers are exactly the template's. Images thus sit at the start of their message (LLaVA's order)."""
+    so the markers (and each message's first <|end|>) are exactly the template's."""
     from steplab.models.vision import IMAGE_SLOT
 
+    if place not in IMAGE_PLACES:
+        raise ConfigError(f"image place {place!r} is not one of {', '.join(IMAGE_PLACES)}")
     roles = {tokenizer.special_ids[f"<|{r}|>"] for r in ("system", "user", "assistant")}
-    out, out_mask, k = [], [], 0
+    end = tokenizer.special_ids["<|end|>"]
+    out, out_mask, k, pending = [], [], 0, 0
     for i, t in enumerate(ids):
+        if t == end and pending:  # place == "end": the open message's images go before its <|end|>
+            out += [IMAGE_SLOT] * pending
+            out_mask += [0] * pending
+            pending = 0
         out.append(t)
         out_mask.append(mask[i] if mask is not None else 0)
         if t in roles:
             n = counts[k] * n_tokens if k < len(counts) else 0
+            k += 1
+            if place == "end":
+                pending = n
+                continue
             out += [IMAGE_SLOT] * n
             out_mask += [0] * n
-            k += 1
+    if pending:  # a generation prompt ends inside an open message only if the template has no <|end|> yet
+        out += [IMAGE_SLOT] * pending
+        out_mask += [0] * pending
     return out, (out_mask if mask is not None else None)
 
 
-def render(tokenizer, s: vqa.Sample, n_image_tokens: int) -> tuple[list[int], list[int]]:
+def render(tokenizer, s: vqa.Sample, n_image_tokens: int, place: str = "start") -> tuple[list[int], list[int]]:
     """(ids, loss mask) of the one-turn conversation under the chat template (``steplab.data.chat``): the image
-    opens the user's turn; the mask is 1 on the assistant's answer and its closing <|end|>."""
+    at ``place`` in the user's turn; the mask is 1 on the assistant's answer and its closing <|end|>."""
     from steplab.data.chat import render as chat_render
 
     ids, mask = chat_render([{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}], tokenizer)
-    return insert_image_slots(tokenizer, ids, [1], n_image_tokens, mask)
+    return insert_image_slots(tokenizer, ids, [1], n_image_tokens, mask, place)
 
 
-def collate(tokenizer, samples: list[vqa.Sample], n_image_tokens: int, seq_len: int) -> tuple[torch.Tensor, ...]:
-    """(idx, targets, images): rows padded with <|eos|> to ``seq_len``; targets -100 except where the next
-    token is part of the answer."""
+def cell_words(spec: tuple) -> list[tuple[str, ...]]:
+    """Per cell of the 3x3 grid, the words a caption says about it: (colour, shape, position) for a scene's
+    object, (digit, position) for a grid's digit, (position,) for an empty cell."""
+    if spec[0] == "scene":
+        return vqa.cell_words(vqa.make_scene(spec[1]))
+    labels = digit_source(spec[1])[1]
+    digit = dict(zip(DIGIT_CELLS, spec[2], strict=True))
+    return [(str(int(labels[digit[c]])), vqa.POSITIONS[c]) if c in digit else (vqa.POSITIONS[c],)
+            for c in range(vqa.GRID ** 2)]
+
+
+SLOT_WORDS = 8  # token columns per slot target: a scene cell's words take at most 7 tokens with this tokenizer
+SLOT_FORMS = ("", " ")  # each word as an answer starts it and as it stands inside a question ("red" / " red")
+
+
+def slot_targets(tokenizer, spec: tuple, n_tokens: int) -> torch.Tensor:
+    """(n_tokens, SLOT_WORDS) token ids image token k should read as (models/vision.py's slot loss): the words of
+    cell k (:func:`cell_words`) in both of their forms (an answer's "top" and a question's " top" are different
+    tokens: the first is what an answer copies, the second what a question is matched by), each token once,
+    IGNORE-padded; all IGNORE unless there is one image token per cell."""
+    out = torch.full((n_tokens, SLOT_WORDS), IGNORE, dtype=torch.long)
+    if n_tokens != vqa.GRID ** 2:
+        return out
+    for k, words in enumerate(cell_words(spec)):
+        ids = list(dict.fromkeys(t for w in words for form in SLOT_FORMS for t in tokenizer.encode(form + w)))
+        if len(ids) > SLOT_WORDS:
+            raise ValueError(f"cell {k} of {spec} has {len(ids)} slot-target tokens, more than SLOT_WORDS={SLOT_WORDS}")
+        out[k, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def collate(tokenizer, samples: list[vqa.Sample], n_image_tokens: int, seq_len: int,
+            place: str = "start") -> tuple[torch.Tensor, ...]:
+    """(idx, targets, images, slot_targets): rows padded with <|eos|> to ``seq_len``; targets -100 except where
+    the next token is part of the answer; slot_targets (B, n_image_tokens, SLOT_WORDS) as :func:`slot_targets`."""
     idx = torch.full((len(samples), seq_len), tokenizer.eos_id, dtype=torch.long)
     targets = torch.full((len(samples), seq_len), IGNORE, dtype=torch.long)
     for row, s in enumerate(samples):
-        ids, mask = render(tokenizer, s, n_image_tokens)
+        ids, mask = render(tokenizer, s, n_image_tokens, place)
         if len(ids) > seq_len + 1:
             raise ConfigError(f"a {s.qtype} example needs {len(ids) - 1} tokens but data.seq_len={seq_len}; raise data.seq_len")
         idx[row, :len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, :len(ids) - 1] = torch.tensor([t if m else IGNORE for t, m in zip(ids[1:], mask[1:])])
     images = torch.stack([to_tensor(draw(s.image)) for s in samples])
-    return idx, targets, images
+    slots = torch.stack([slot_targets(tokenizer, s.image, n_image_tokens) for s in samples])
+    return idx, targets, images, slots
 
 
 # ---- the trainer's data kind ------------------------------------------------------------------------------
@@ -214,7 +266,7 @@ class VQAData:
     """The ``vqa`` data kind (TrainData): an endless seeded stream of rendered examples, exact resume by count."""
 
     def __init__(self, mixture: str, tokenizer_dir: Path, batch_size: int, seq_len: int, n_image_tokens: int,
-                 seed: int = 0, eval_batches: int = 8, digits: str = "sklearn"):
+                 seed: int = 0, eval_batches: int = 8, digits: str = "sklearn", place: str = "start"):
         from steplab.data.tokenizer import Tokenizer
 
         if mixture not in MIXTURES:
@@ -224,7 +276,7 @@ class VQAData:
         self.tokenizer_dir = tokenizer_dir
         self.tokenizer = Tokenizer.load(tokenizer_dir)
         self.vocab_size = self.tokenizer.vocab_size
-        self.batch_size, self.seq_len, self.n_image_tokens = batch_size, seq_len, n_image_tokens
+        self.batch_size, self.seq_len, self.n_image_tokens, self.place = batch_size, seq_len, n_image_tokens, place
         self.tokens_per_batch = batch_size * seq_len
         self.n_eval = eval_batches
         self.position = 0  # examples drawn so far
@@ -233,7 +285,7 @@ class VQAData:
         samples = [sample(random.Random(f"{self.seed}/{self.position + i}"), self.mixture, "train", self.digits)
                    for i in range(self.batch_size)]
         self.position += self.batch_size
-        return collate(self.tokenizer, samples, self.n_image_tokens, self.seq_len)
+        return collate(self.tokenizer, samples, self.n_image_tokens, self.seq_len, self.place)
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -244,7 +296,7 @@ class VQAData:
     def eval_batches(self):
         held = held_out_samples(self.n_eval * self.batch_size, self.mixture, digits=self.digits)
         for i in range(0, len(held), self.batch_size):
-            yield collate(self.tokenizer, held[i:i + self.batch_size], self.n_image_tokens, self.seq_len)
+            yield collate(self.tokenizer, held[i:i + self.batch_size], self.n_image_tokens, self.seq_len, self.place)
 
 
 def parse_path(path: str) -> tuple[str, str]:
@@ -259,7 +311,7 @@ def build_vqa_data(cfg) -> VQAData:
     if v.image_size != IMAGE_SIZE:
         raise ConfigError(f"the vqa data draws {IMAGE_SIZE}x{IMAGE_SIZE} images but model.vision.image_size={v.image_size}")
     return VQAData(mixture, build_tokenizer(), cfg.train.batch_size, cfg.data.seq_len, v.n_tokens, seed=cfg.train.seed,
-                   eval_batches=cfg.train.eval_batches, digits=digits)
+                   eval_batches=cfg.train.eval_batches, digits=digits, place=v.image_place)
 
 
 def _register() -> None:

@@ -39,15 +39,16 @@ class ZeroImages(torch.nn.Module):
         return self.inner(*args, **kw)
 
 
-def prompt_ids(tokenizer, s: vqa.Sample, n_image_tokens: int) -> list[int]:
-    ids, mask = I.render(tokenizer, s, n_image_tokens)
+def prompt_ids(tokenizer, s: vqa.Sample, n_image_tokens: int, place: str = "start") -> list[int]:
+    ids, mask = I.render(tokenizer, s, n_image_tokens, place)
     return ids[:mask.index(1)]  # through the <|assistant|> opener: what the API builds for the question
 
 
-def answer(engine: Engine, tokenizer, samples: list[vqa.Sample], pixels: list[np.ndarray], n_image_tokens: int) -> list[str]:
+def answer(engine: Engine, tokenizer, samples: list[vqa.Sample], pixels: list[np.ndarray], n_image_tokens: int,
+           place: str = "start") -> list[str]:
     """Greedy answers to ``samples`` with the given images (one per sample), all submitted at once."""
     stop = chat_stop_ids(tokenizer)
-    handles = [engine.submit(Request(prompt=prompt_ids(tokenizer, s, n_image_tokens), max_tokens=MAX_ANSWER_TOKENS,
+    handles = [engine.submit(Request(prompt=prompt_ids(tokenizer, s, n_image_tokens, place), max_tokens=MAX_ANSWER_TOKENS,
                                      temperature=0.0, stop_ids=stop, images=I.to_tensor(p)[None]))
                for s, p in zip(samples, pixels, strict=True)]
     out = []
@@ -83,33 +84,39 @@ def swap_scene(s: vqa.Sample, rng: random.Random, tries: int = 200) -> int | Non
 def run_vqa(model, tokenizer, n: int = 600, seed: int = 0, checks: bool = True, max_batch: int = 32) -> dict:
     """Accuracy per question type on ``n`` held-out samples; with ``checks``, the image-use checks too."""
     t0 = time.perf_counter()
-    n_tok = model.cfg.vision.n_tokens
+    n_tok, place = model.cfg.vision.n_tokens, model.cfg.vision.image_place
     samples = I.held_out_samples(n, "vqa", seed)
     pixels = [I.draw(s.image) for s in samples]
     out: dict = {"n": n, "seed": seed}
     with Engine(model, tokenizer, name="vqa", max_batch=max_batch, max_queue=1 << 30) as engine:
-        outputs = answer(engine, tokenizer, samples, pixels, n_tok)
+        outputs = answer(engine, tokenizer, samples, pixels, n_tok, place)
         out["accuracy"] = vqa.accuracy_by_type(samples, outputs)
         out["answers"] = outputs
         if checks:
             scene = [i for i, s in enumerate(samples) if s.qtype in vqa.SCENE_TYPES]
             sub = [samples[i] for i in scene]
             perm = derangement(len(scene), random.Random(f"shuffle/{seed}"))
-            shuffled = answer(engine, tokenizer, sub, [pixels[scene[j]] for j in perm], n_tok)
+            shuffled = answer(engine, tokenizer, sub, [pixels[scene[j]] for j in perm], n_tok, place)
             out["shuffled"] = vqa.accuracy_by_type(sub, shuffled)
             rng = random.Random(f"swap/{seed}")
             pairs = [(i, swap_scene(samples[i], rng)) for i in scene]
             pairs = [(i, sid) for i, sid in pairs if sid is not None]
             swapped = answer(engine, tokenizer, [samples[i] for i, _ in pairs],
-                             [I.draw(("scene", sid)) for _, sid in pairs], n_tok)
+                             [I.draw(("scene", sid)) for _, sid in pairs], n_tok, place)
             changed = [a != outputs[i] for (i, _), a in zip(pairs, swapped)]
-            out["swap"] = {"n": len(pairs), "changed": sum(changed), "change_rate": sum(changed) / max(len(pairs), 1)}
+            out["swap"] = _changes(changed)
+            for group, types in (("non_relational", vqa.NON_RELATIONAL), ("relational", vqa.RELATIONAL)):
+                out["swap"][group] = _changes([c for (i, _), c in zip(pairs, changed) if samples[i].qtype in types])
     if checks:
         with Engine(ZeroImages(model), tokenizer, name="vqa-zeroed", max_batch=max_batch, max_queue=1 << 30) as engine:
-            zeroed = answer(engine, tokenizer, sub, [pixels[i] for i in scene], n_tok)
+            zeroed = answer(engine, tokenizer, sub, [pixels[i] for i in scene], n_tok, place)
         out["zeroed"] = vqa.accuracy_by_type(sub, zeroed)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _changes(changed: list[bool]) -> dict:
+    return {"n": len(changed), "changed": sum(changed), "change_rate": sum(changed) / max(len(changed), 1)}
 
 
 def markdown(res: dict) -> str:
@@ -125,5 +132,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {t} | {r['n']} | {r['accuracy']:.1%} | {ch} | {extra} |")
     if "swap" in res:
         s = res["swap"]
-        lines.append(f"\nswapped image with a different answer: the answer changed {s['change_rate']:.1%} ({s['changed']}/{s['n']})")
+        lines.append(f"\nswapped image with a different answer: the answer changed {s['change_rate']:.1%} ({s['changed']}/{s['n']})"
+                     + "".join(f"; {g} {s[g]['change_rate']:.1%} ({s[g]['changed']}/{s[g]['n']})" for g in ("non_relational", "relational")
+                               if s.get(g, {}).get("n")))
     return "\n".join(lines)

@@ -4,7 +4,11 @@ Layout (LLaVA's): image (B, 3, H, W) -> patch embedding (a stride-p convolution)
 n_layer x [LayerNorm -> bidirectional attention -> residual, LayerNorm -> GELU MLP -> residual] -> LayerNorm
 -> pixel shuffle (s x s neighbouring patches concatenated into one vector: s^2 fewer image tokens, as in
 nanoVLM/Idefics3) -> MLP projector into the decoder's width -> the Step-1 decoder (models/dense.py, unchanged),
-which reads the image tokens at the image's place in the conversation.
+which reads the image tokens at the image's place in the conversation: at the start of the user's message
+(LLaVA's order) or, in the step1v presets, after its text (``vision.image_place="end"``), so every image token
+can attend to the question; and a *slot loss* (``vision.slot_loss``, :meth:`Step1V.slot_loss`) trains the
+decoder's output at image token k to name the words of grid cell k. Without both, the decoder never learned to
+look anything up in the image (docs/LOG.md, issue 19).
 
 Where an image goes: the token sequence holds ``cfg.vision.n_tokens`` image *slots* per image, marked by the
 ``<|pad|>`` id (``IMAGE_SLOT``); the decoder's embedding of those positions is replaced by the projected image
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from steplab.config import ModelConfig, VisionConfig
 from steplab.models import dense
+from steplab.models.common import masked_cross_entropy
 
 IMAGE_SLOT = 2  # the <|pad|> id (steplab.data.tokenizer.SPECIAL_TOKENS): one per image token
 
@@ -146,13 +151,37 @@ class Step1V(nn.Module):
             feats = torch.zeros_like(feats)
         return x.masked_scatter(slots[..., None], feats)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, images: torch.Tensor | None = None, *,
-                cache=None, slots: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                slot_targets: torch.Tensor | None = None, *, cache=None, slots: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """As Step1.forward (logits, or the loss with ``targets``); ``images`` fill the sequence's image slots.
-        A prompt's ``embeds`` (from :meth:`embed`) may come in chunks with a KV cache (the serving engine)."""
+        With ``targets``, ``slot_targets`` (the data's: (n_images, n_tokens, K) token ids, -100 padded) and
+        ``vision.slot_loss`` > 0 the loss adds that weight times :meth:`slot_loss`. A prompt's ``embeds`` (from
+        :meth:`embed`) may come in chunks with a KV cache (the serving engine)."""
         if embeds is None and images is not None:
             embeds = self.embed(idx, images)
-        return self.decoder(idx, targets, cache=cache, slots=slots, embeds=embeds)
+        w = self.cfg.vision.slot_loss
+        if targets is None or slot_targets is None or w == 0:
+            return self.decoder(idx, targets, cache=cache, slots=slots, embeds=embeds)
+        logits = self.decoder(idx, None, embeds=embeds)
+        return masked_cross_entropy(logits, targets) + w * self.slot_loss(logits[idx == IMAGE_SLOT], slot_targets)
+
+    @staticmethod
+    def slot_loss(slot_logits: torch.Tensor, slot_targets: torch.Tensor) -> torch.Tensor:
+        """The decoder's output at each image token (``slot_logits``: (n_images * n_tokens, vocab), in sequence
+        order) read as the words of that token's grid cell: per token, the summed cross-entropy of each target
+        word (the softmax spreads over them), averaged over the tokens that have targets.
+
+        Why: a decoder that has to learn its lookups and what projected pixels mean at the same time never
+        learned them in 3,000+ steps (docs/LOG.md, session 7). With each image token trained to name its cell
+        ("red", "circle", "top", "left"), the decoder holds, at the image's places, the words a question is
+        matched against and an answer copies (shape and position lookups from ~600 steps, session 9). The
+        targets are the caption's words placed at the cell they describe: a dense, grounded caption."""
+        logp = slot_logits.float().log_softmax(-1)
+        t = slot_targets.reshape(logp.shape[0], -1)
+        valid = t != -100
+        nll = -logp.gather(1, t.clamp(min=0)) * valid
+        return nll.sum() / valid.any(1).sum().clamp(min=1)
 
     @torch.no_grad()
     def eval_metrics(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> dict[str, float]:
@@ -161,7 +190,7 @@ class Step1V(nn.Module):
         loss_sum, n_tok, right, rows = 0.0, 0, 0, 0
         device = next(self.parameters()).device
         for batch in batches:
-            idx, targets, images = (t.to(device) for t in batch)
+            idx, targets, images = (t.to(device) for t in batch[:3])  # the slot targets are not evaluated
             logits = self(idx, None, images).float()
             mask = targets != -100
             loss_sum += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()

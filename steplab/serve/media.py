@@ -9,7 +9,7 @@ Every way a request can go wrong is a one-line 400 naming the part (``messages[i
 - more than ``MAX_IMAGES`` images in a request, or any image for a model that does not read images.
 
 Decoded images are converted to RGB and resized to the model's square input (Pillow's bilinear filter;
-an image already at that size is used as is), then placed at the start of their message (see
+an image already at that size is used as is), then placed at the model's place in their message (see
 ``steplab.data.images.insert_image_slots``).
 """
 from __future__ import annotations
@@ -117,10 +117,11 @@ def chat_images(messages, image_size: int | None, allow_remote: bool = False) ->
 
 
 def image_prompt(tokenizer, prompt: list[int], per_message: list[list[np.ndarray]], n_tokens: int,
-                 ) -> tuple[list[int], torch.Tensor | None]:
-    """The chat prompt with each message's image slots inserted, and the images as one (n, 3, H, W) tensor."""
+                 place: str = "start") -> tuple[list[int], torch.Tensor | None]:
+    """The chat prompt with each message's image slots inserted at the model's ``place`` (``vision.image_place``),
+    and the images as one (n, 3, H, W) tensor."""
     counts = [len(found) for found in per_message]
     if not any(counts):
         return prompt, None
-    ids, _ = insert_image_slots(tokenizer, prompt, counts, n_tokens)
+    ids, _ = insert_image_slots(tokenizer, prompt, counts, n_tokens, place=place)
     return ids, torch.stack([to_tensor(p) for found in per_message for p in found])

@@ -135,6 +135,13 @@ def scene_caption(scene: Scene) -> str:
     return ", ".join(f"{o.colour} {o.shape} {POSITIONS[o.cell]}" for o in sorted(scene.objects, key=lambda o: o.cell))
 
 
+def cell_words(scene: Scene) -> list[tuple[str, ...]]:
+    """Per cell in reading order, the words a caption says about it: (colour, shape, position) where an object
+    is, (position,) where none is. Step-1V's slot loss (models/vision.py) trains image token k to read as them."""
+    at = {o.cell: o for o in scene.objects}
+    return [(at[c].colour, at[c].shape, POSITIONS[c]) if c in at else (POSITIONS[c],) for c in range(GRID * GRID)]
+
+
 def scene_sample(scene_id: int, qtype: str, rng: random.Random) -> Sample | None:
     scene = make_scene(scene_id)
     if qtype == "caption":
