@@ -103,7 +103,7 @@ def main():
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("probe"); s.add_argument("--out", required=True); s.add_argument("--steps", type=int, default=1200)
+    s = sub.add_parser("probe"); s.add_argument("--out", required=True); s.add_argument("--steps", type=int, default=1500)
     s.add_argument("--n", type=int, default=500)
     s = sub.add_parser("vae"); s.add_argument("run"); s.add_argument("--n", type=int, default=256)
     for name in ("dit", "grid"):
