@@ -247,8 +247,6 @@ def _validate_vision(m: ModelConfig) -> None:
         raise ConfigError(f"model.vision.n_head={v.n_head} must divide model.vision.d_model={v.d_model} into even head dims")
     if v.d_model % 4:
         raise ConfigError(f"model.vision.d_model={v.d_model} must be a multiple of 4 (2D sin-cos position encoding)")
-    if v.image_place not in ("start", "end"):
-        raise ConfigError(f"model.vision.image_place={v.image_place!r} must be 'start' or 'end'")
     if v.slot_loss > 0 and v.n_tokens != 9:
         raise ConfigError(f"model.vision.slot_loss needs one image token per cell of the 3x3 grid (9), but this vision "
                           f"config gives {v.n_tokens}; set model.vision.slot_loss=0 or change patch_size/pixel_shuffle")
@@ -342,6 +340,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"), "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("auto", "none", "ddp", "fsdp"), "train.compile": ("auto", "true", "false"), "model.video.source": ("digits", "mnist"),
+    "model.vision.image_place": ("start", "end"),
 }
 
 
