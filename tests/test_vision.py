@@ -230,7 +230,7 @@ def test_trains_through_the_one_trainer_and_resumes_exactly(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "full"), "--task", "vqa", "-n", "6", "--checkpoint", str(step2)]) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
-    assert res["step"] == 2
+    assert res["step"] == 2 and res["digits"] == "sklearn"  # the digit grids' source is the run's (data.path "vqa")
     swap = res["swap"]  # split by question group, the groups' counts adding up to the whole
     assert swap["non_relational"]["n"] + swap["relational"]["n"] == swap["n"]
     assert swap["non_relational"]["changed"] + swap["relational"]["changed"] == swap["changed"]

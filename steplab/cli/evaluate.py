@@ -138,7 +138,11 @@ def _vqa(args) -> int:
         from steplab.errors import ConfigError
 
         raise ConfigError(f"{args.run} is not a Step-1V run (model.vision.image_size is 0); --task vqa needs an image model")
-    res = run_vqa(model.float(), tokenizer, n=args.items, seed=args.seed)
+    from steplab.data.images import parse_path
+
+    # held-out digit grids from the source the run trained on (data.path "vqa:mnist": MNIST's test images)
+    digits = parse_path(cfg.data.path)[1] if cfg.data.kind == "vqa" else "sklearn"
+    res = run_vqa(model.float(), tokenizer, n=args.items, seed=args.seed, digits=digits)
     print(markdown(res))
     print(json.dumps({"run": args.run, "step": step, **{k: v for k, v in res.items() if k != "answers"}}, indent=2))
     return 0

@@ -81,13 +81,15 @@ def swap_scene(s: vqa.Sample, rng: random.Random, tries: int = 200) -> int | Non
     return None
 
 
-def run_vqa(model, tokenizer, n: int = 600, seed: int = 0, checks: bool = True, max_batch: int = 32) -> dict:
-    """Accuracy per question type on ``n`` held-out samples; with ``checks``, the image-use checks too."""
+def run_vqa(model, tokenizer, n: int = 600, seed: int = 0, checks: bool = True, max_batch: int = 32,
+            digits: str = "sklearn") -> dict:
+    """Accuracy per question type on ``n`` held-out samples (digit grids from ``digits``: sklearn or mnist);
+    with ``checks``, the image-use checks too."""
     t0 = time.perf_counter()
     n_tok, place = model.cfg.vision.n_tokens, model.cfg.vision.image_place
-    samples = I.held_out_samples(n, "vqa", seed)
+    samples = I.held_out_samples(n, "vqa", seed, digits=digits)
     pixels = [I.draw(s.image) for s in samples]
-    out: dict = {"n": n, "seed": seed}
+    out: dict = {"n": n, "seed": seed, "digits": digits}
     with Engine(model, tokenizer, name="vqa", max_batch=max_batch, max_queue=1 << 30) as engine:
         outputs = answer(engine, tokenizer, samples, pixels, n_tok, place)
         out["accuracy"] = vqa.accuracy_by_type(samples, outputs)
