@@ -5,8 +5,9 @@ output directories (each: ``sweep/runs.csv``, ``run/summary.json``, ``prediction
 law, prints the planned run's prediction error and three 95% intervals for it:
 
 - ``case``: bootstrap over the sweep's runs (what the quickstart uses), times a run's scatter around the law;
-- ``resid``: a fixed-design bootstrap: refits on fitted * exp(resampled residuals); the sweep's sizes and
-  budgets are chosen, not sampled, so this is the textbook bootstrap for a designed experiment;
+- ``resid``: a fixed-design bootstrap: refits on fitted * exp(resampled residuals), each draw's prediction times
+  one more resampled residual (the new run's own scatter); the sweep's sizes and budgets are chosen, not
+  sampled, so this is the textbook bootstrap for a designed experiment;
 - ``delta``: the delta method (Kaplan only: its exact Jacobian), s^2 (J'J)^-1 for the law plus s^2 for the run.
 
 Laws: the quickstart's (Chinchilla's E + A/N^alpha + B/D^beta on non-embedding N) and Kaplan's on total
