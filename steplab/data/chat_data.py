@@ -154,7 +154,7 @@ class ChatData:
 
 
 def build_chat_data(cfg) -> ChatData:
-    """The trainer's builder for data kind "chat" (``register_data("chat", build_chat_data)``)."""
+    """The trainer's builder for data kind "chat" (``steplab.train.data.DATA_MODULES``)."""
     from steplab.data.tokenizer import Tokenizer
 
     c = cfg.data.chat
@@ -183,12 +183,3 @@ def build_chat_data(cfg) -> ChatData:
                     mask=c.mask, field=c.field, skip_bad=c.skip_bad, tokenizer_dir=tok_dir,
                     eval_rows=cfg.train.eval_batches * cfg.train.batch_size, mix_loader=mix_loader, mix_rows=mix_rows,
                     tasks=c.tasks)
-
-
-def _register() -> None:
-    from steplab.train.data import register_data
-
-    register_data("chat", build_chat_data)
-
-
-_register()  # the trainer imports this module for data.kind = "chat" (train/data.py DATA_MODULES)

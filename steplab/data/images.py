@@ -312,12 +312,3 @@ def build_vqa_data(cfg) -> VQAData:
         raise ConfigError(f"the vqa data draws {IMAGE_SIZE}x{IMAGE_SIZE} images but model.vision.image_size={v.image_size}")
     return VQAData(mixture, build_tokenizer(), cfg.train.batch_size, cfg.data.seq_len, v.n_tokens, seed=cfg.train.seed,
                    eval_batches=cfg.train.eval_batches, digits=digits, place=v.image_place)
-
-
-def _register() -> None:
-    from steplab.train.data import register_data  # the trainer's registry; imported when a run asks for "vqa"
-
-    register_data("vqa", build_vqa_data)
-
-
-_register()

@@ -68,12 +68,3 @@ def build_speech_masked(cfg) -> SpeechMaskedData:
     tokens = TokenData(cfg)
     vocab = SpeechVocab.load(tokens.tokenizer_dir)
     return SpeechMaskedData(tokens, vocab.text.bos_id, vocab.open_id, vocab.close_id)
-
-
-def _register() -> None:
-    from steplab.train.data import register_data
-
-    register_data("speech-masked", build_speech_masked)
-
-
-_register()  # the trainer imports this module for data.kind = "speech-masked" (train/data.py DATA_MODULES)

@@ -190,7 +190,7 @@ class VideoClipData:
 
 
 def build_clip_data(cfg) -> VideoClipData:
-    """The registered builder for data kind ``video-clips`` (cfg.data.path: "builtin")."""
+    """The builder for data kind ``video-clips`` (cfg.data.path: "builtin")."""
     return VideoClipData(cfg.model.video, cfg.train.batch_size * cfg.train.grad_accum, cfg.train.seed, cfg.train.eval_batches)
 
 
@@ -249,15 +249,5 @@ class VideoLatentData:
 
 
 def build_latent_data(cfg) -> VideoLatentData:
-    """The registered builder for data kind ``video-latents`` (cfg.data.path: "builtin")."""
+    """The builder for data kind ``video-latents`` (cfg.data.path: "builtin")."""
     return VideoLatentData(cfg)
-
-
-def _register() -> None:
-    from steplab.train.data import register_data  # the trainer imports this module when a run names these kinds
-
-    register_data("video-clips", build_clip_data)
-    register_data("video-latents", build_latent_data)
-
-
-_register()

@@ -3,9 +3,9 @@
 The trainer knows nothing about tokens, images, speech or video. It asks the run's ``TrainData`` for global
 batches (tuples of tensors, the batch on dim 0, so each data-parallel rank takes its rows), for its position in
 the stream (saved in every checkpoint: exact resume), for held-out batches, and for what a batch counts as
-tokens (tokens/s, D, MFU). Text's prepared token shards are the kind ``"tokens"``; other families register
-their kind with :func:`register_data` from the module named in ``DATA_MODULES``, imported only when a run
-asks for it (so text runs never import Pillow or soundfile).
+tokens (tokens/s, D, MFU). Text's prepared token shards are the kind ``"tokens"``; the other families' kinds
+are builders named in ``DATA_MODULES`` ("module:function"), imported only when a run asks for one (so text
+runs never import Pillow or soundfile); :func:`register_data` adds a kind from outside the package.
 
 Evaluation, in order of preference: the data's own ``evaluate(model, device, dtype)`` (text: loss and bits per
 byte, which need the tokenizer's byte lengths), the model's ``eval_metrics(batches)``, else the mean of
@@ -37,10 +37,12 @@ class TrainData(Protocol):
     def eval_batches(self) -> Iterable[tuple[torch.Tensor, ...]]: ...
 
 
-# Data kinds registered by modules the trainer imports on demand: kind -> module (which calls register_data).
-DATA_MODULES: dict[str, str] = {"chat": "steplab.data.chat_data", "vqa": "steplab.data.images",
-                                "video-clips": "steplab.data.video", "video-latents": "steplab.data.video",
-                                "speech-masked": "steplab.data.speech_data"}
+# The other families' data kinds: kind -> "module:builder", imported only when a run asks for the kind (so text
+# runs never import Pillow or soundfile), and never importing the trainer back.
+DATA_MODULES: dict[str, str] = {"chat": "steplab.data.chat_data:build_chat_data", "vqa": "steplab.data.images:build_vqa_data",
+                                "video-clips": "steplab.data.video:build_clip_data",
+                                "video-latents": "steplab.data.video:build_latent_data",
+                                "speech-masked": "steplab.data.speech_data:build_speech_masked"}
 
 _BUILDERS: dict[str, Callable[[RunConfig], TrainData]] = {}
 
@@ -56,7 +58,8 @@ def data_kinds() -> list[str]:
 def build_train_data(cfg: RunConfig) -> TrainData:
     kind = cfg.data.kind
     if kind not in _BUILDERS and kind in DATA_MODULES:
-        importlib.import_module(DATA_MODULES[kind])
+        module, _, builder = DATA_MODULES[kind].partition(":")
+        register_data(kind, getattr(importlib.import_module(module), builder))
     if kind not in _BUILDERS:
         raise ConfigError(f"data.kind={kind!r} is not a known kind of training data; known: {', '.join(data_kinds())}")
     return _BUILDERS[kind](cfg)
