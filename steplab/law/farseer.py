@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from steplab.errors import FitError
-from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
-from steplab.law.forms import FormFit, solve_and_bootstrap
+from steplab.law.fit import HUBER_DELTA
+from steplab.law.forms import FormFit, fit_points, solve_and_bootstrap
 
 NAMES = ("a1", "b1", "g1", "a2", "b2", "g2", "a3", "b3", "g3")
 MIN_RUNS = 12
@@ -85,13 +84,8 @@ class FarseerFit(FormFit):
 def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: int = 0, n_starts: int = 16,
                 delta: float = HUBER_DELTA) -> FarseerFit:
     """Fit the Farseer form; ``holdout=K`` leaves out the K largest-compute runs and reports them."""
-    pts = check_points("farseer fit", N=N, D=D, loss=loss)
-    N, D, L = pts["N"], pts["D"], pts["loss"]
-    held = split_holdout(N, D, holdout, MIN_RUNS, "the farseer fit")
+    N, D, L, held = fit_points("farseer fit", N, D, loss, holdout, MIN_RUNS, 3, len(NAMES), " (use --form chinchilla)")
     fN, fD, fL = N[~held], D[~held], L[~held]
-    if len(fN) < MIN_RUNS or len(np.unique(fN)) < 3 or len(np.unique(fD)) < 3:
-        raise FitError(f"farseer fit: {len(fN)} runs, {len(np.unique(fN))} sizes, {len(np.unique(fD))} budgets; its 9 "
-                       f"parameters need at least {MIN_RUNS} runs over 3 sizes and 3 budgets (use --form chinchilla)")
     N0, D0 = float(np.exp(np.log(fN).mean())), float(np.exp(np.log(fD).mean()))
     n, d, lL = fN / N0, fD / D0, np.log(fL)
 
@@ -101,10 +95,4 @@ def fit_farseer(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: i
     starts = [base] + [base + rng.normal(0, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.3, 0.2, 0.5]) for _ in range(n_starts - 1)]
     best, boot = solve_and_bootstrap(lambda x0, *a, max_nfev=1000: _solve(x0, *a, delta, max_nfev=max_nfev), starts,
                                      (n, d, lL), n_bootstrap, rng, "farseer fit", boot_nfev=300)
-    pred = _predict(best.x, n, d)
-    res = np.log(pred) - lL
-    fit = FarseerFit(params=best.x, N0=N0, D0=D0, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),
-                     max_rel_err=float(np.max(np.abs(pred / fL - 1))), cost=float(best.cost), starts=len(starts),
-                     boot=boot)
-    fit.holdout = holdout_report(fit, N[held], D[held], L[held])
-    return fit
+    return FarseerFit.from_solution(best, fN, fD, fL, len(starts), boot, N[held], D[held], L[held], N0=N0, D0=D0)

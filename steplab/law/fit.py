@@ -117,6 +117,21 @@ def _minimize(x0, lN, lD, lL, delta, method: str = "BFGS"):
     return r
 
 
+def run_scatter(rmse_log: float, n: int, n_params: int) -> float:
+    """A single run's scatter around a fitted law, in log loss: the fit's RMSE scaled by sqrt(n / (n - k)) for
+    its k fitted parameters (the residuals of a fit understate the scatter of a new run)."""
+    return rmse_log * float(np.sqrt(n / (n - n_params))) if n > n_params else rmse_log
+
+
+def one_run_interval(law: np.ndarray, sigma: float, level: float, seed: int, per_draw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of ONE new run: each law draw (rows of ``law``: (draws, points)) times ``per_draw``
+    log-normal scatters of width ``sigma``."""
+    law = np.repeat(law, per_draw, axis=0)
+    draws = law * np.exp(sigma * np.random.default_rng(seed).standard_normal(law.shape))
+    lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    return lo, hi
+
+
 @dataclass
 class ParametricFit:
     E: float
@@ -150,24 +165,18 @@ class ParametricFit:
         return lo, hi
 
     def run_sigma(self) -> float:
-        """A single run's scatter around the law, in log loss: the fit's RMSE, scaled by sqrt(n / (n - 5)) for
-        the five fitted parameters (the residuals of a fit understate the scatter of a new run)."""
-        return self.rmse_log * float(np.sqrt(self.n / (self.n - 5))) if self.n > 5 else self.rmse_log
+        return run_scatter(self.rmse_log, self.n, 5)
 
     def predict_run_interval(self, N, D, level: float = 0.95, seed: int = 0, per_draw: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Interval for the loss of ONE new run at (N, D): each bootstrap draw of the law times a run's own
         log-normal scatter around it (``run_sigma``). :meth:`predict_interval` bounds the law's mean only; a run
         also lands off the law by about the scatter the sweep's runs show around it, which it does not count."""
-        sigma = self.run_sigma()
         if self.boot is None:
             law = np.atleast_1d(self.predict(N, D))[None, :]
         else:
             E, A, B, al, be = (self.boot[:, i, None] for i in range(5))
             law = E + A / np.atleast_1d(N) ** al + B / np.atleast_1d(D) ** be
-        law = np.repeat(law, per_draw, axis=0)
-        draws = law * np.exp(sigma * np.random.default_rng(seed).standard_normal(law.shape))
-        lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
-        return lo, hi
+        return one_run_interval(law, self.run_sigma(), level, seed, per_draw)
 
     def allocation(self, C) -> tuple[np.ndarray, np.ndarray]:
         """Compute-optimal N and D for C = 6 N D (Hoffmann eq. 4): N_opt = G (C/6)^a, a = beta/(alpha+beta)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from steplab.errors import FitError
+from steplab.law.fit import check_points, holdout_report, one_run_interval, run_scatter, split_holdout
 
 
 @dataclass(kw_only=True)
@@ -54,17 +55,24 @@ class FormFit:
         return lo, hi
 
     def run_sigma(self) -> float:
-        """A new run's log-normal scatter around the law: the residual RMS with the fitted degrees of freedom put
-        back (as ParametricFit.run_sigma does)."""
-        return self.rmse_log * float(np.sqrt(self.n / max(1, self.n - len(self.NAMES))))
+        return run_scatter(self.rmse_log, self.n, len(self.NAMES))
 
     def predict_run_interval(self, N, D, level: float = 0.95, seed: int = 0, per_draw: int = 20):
         """Interval for ONE new run at (N, D): each bootstrap law times a run's own scatter around it."""
         law = np.atleast_1d(self.predict(N, D))[None, :] if self.boot is None else self._draws(N, D)
-        law = np.repeat(law, per_draw, axis=0)
-        draws = law * np.exp(self.run_sigma() * np.random.default_rng(seed).standard_normal(law.shape))
-        lo, hi = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
-        return lo, hi
+        return one_run_interval(law, self.run_sigma(), level, seed, per_draw)
+
+    @classmethod
+    def from_solution(cls, best, fit_N, fit_D, fit_L, starts: int, boot, held_N, held_D, held_L, **extra):
+        """The fit of solver result ``best`` on the runs it saw (RMSE and worst error from its own predictions),
+        with the held-out runs' report."""
+        fit = cls(params=best.x, n=len(fit_N), rmse_log=0.0, max_rel_err=0.0, cost=float(best.cost), starts=starts,
+                  boot=boot, **extra)
+        pred = fit.predict(fit_N, fit_D)
+        fit.rmse_log = float(np.sqrt(np.mean((np.log(pred) - np.log(fit_L)) ** 2)))
+        fit.max_rel_err = float(np.max(np.abs(pred / fit_L - 1)))
+        fit.holdout = holdout_report(fit, held_N, held_D, held_L)
+        return fit
 
     def to_dict(self) -> dict:
         d: dict = {"kind": self.kind, "N_is": self.N_is, "form": self.FORM}
@@ -77,6 +85,20 @@ class FormFit:
                         "starts": self.starts, "bootstrap": 0 if self.boot is None else len(self.boot)}
         d["holdout"], d["warnings"], d["notes"] = self.holdout, self.warnings, self.notes
         return d
+
+
+def fit_points(what: str, N, D, loss, holdout: int, min_runs: int, min_levels: int, n_params: int, hint: str = ""):
+    """Checked (N, D, loss) and the mask of the ``holdout`` largest-compute runs; a FitError unless the runs left
+    to fit number ``min_runs`` over ``min_levels`` sizes and budgets."""
+    pts = check_points(what, N=N, D=D, loss=loss)
+    N, D, L = pts["N"], pts["D"], pts["loss"]
+    held = split_holdout(N, D, holdout, min_runs, f"the {what}")
+    fN, fD = N[~held], D[~held]
+    sizes, budgets = len(np.unique(fN)), len(np.unique(fD))
+    if len(fN) < min_runs or sizes < min_levels or budgets < min_levels:
+        raise FitError(f"{what}: {len(fN)} runs, {sizes} sizes, {budgets} budgets; its {n_params} parameters need at "
+                       f"least {min_runs} runs over {min_levels} sizes and {min_levels} budgets{hint}")
+    return N, D, L, held
 
 
 def solve_and_bootstrap(solve, starts, arrays: tuple[np.ndarray, ...], n_bootstrap: int, rng: np.random.Generator,

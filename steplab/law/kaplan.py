@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from steplab.errors import FitError
-from steplab.law.fit import HUBER_DELTA, check_points, holdout_report, split_holdout
-from steplab.law.forms import FormFit, solve_and_bootstrap
+from steplab.law.fit import HUBER_DELTA
+from steplab.law.forms import FormFit, fit_points, solve_and_bootstrap
 
 NAMES = ("log_Nc", "log_Dc", "alpha_N", "alpha_D")
 MIN_RUNS = 6
@@ -79,13 +78,8 @@ class KaplanFit(FormFit):
 def fit_kaplan(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: int = 0,
                delta: float = HUBER_DELTA) -> KaplanFit:
     """Fit Kaplan's form; ``holdout=K`` leaves out the K largest-compute runs and reports them."""
-    pts = check_points("kaplan fit", N=N, D=D, loss=loss)
-    N, D, L = pts["N"], pts["D"], pts["loss"]
-    held = split_holdout(N, D, holdout, MIN_RUNS, "the kaplan fit")
+    N, D, L, held = fit_points("kaplan fit", N, D, loss, holdout, MIN_RUNS, 2, len(NAMES))
     fN, fD, fL = N[~held], D[~held], L[~held]
-    if len(fN) < MIN_RUNS or len(np.unique(fN)) < 2 or len(np.unique(fD)) < 2:
-        raise FitError(f"kaplan fit: {len(fN)} runs, {len(np.unique(fN))} sizes, {len(np.unique(fD))} budgets; its 4 "
-                       f"parameters need at least {MIN_RUNS} runs over 2 sizes and 2 budgets")
     lN, lD, lL = np.log(fN), np.log(fD), np.log(fL)
     with np.errstate(all="ignore"):
         r = _log_predict(GRID.T[:, :, None], lN, lD) - lL  # every start at once: (starts, runs)
@@ -93,9 +87,4 @@ def fit_kaplan(N, D, loss, *, n_bootstrap: int = 200, seed: int = 0, holdout: in
     starts = GRID[np.argsort(score)[:N_SOLVES]]
     best, boot = solve_and_bootstrap(lambda x0, *a, max_nfev=400: _solve(x0, *a, delta, max_nfev=max_nfev), starts,
                                      (lN, lD, lL), n_bootstrap, np.random.default_rng(seed), "kaplan fit", boot_nfev=200)
-    pred = np.exp(_log_predict(best.x, lN, lD))
-    res = np.log(pred) - lL
-    fit = KaplanFit(params=best.x, n=len(fN), rmse_log=float(np.sqrt(np.mean(res ** 2))),
-                    max_rel_err=float(np.max(np.abs(pred / fL - 1))), cost=float(best.cost), starts=len(starts), boot=boot)
-    fit.holdout = holdout_report(fit, N[held], D[held], L[held])
-    return fit
+    return KaplanFit.from_solution(best, fN, fD, fL, len(starts), boot, N[held], D[held], L[held])
