@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steplab.config import CHOICES
 from steplab.errors import ConfigError, DataError
 from steplab.tasks import vqa
 
@@ -34,7 +35,7 @@ RGB = {"red": (230, 30, 30), "green": (30, 190, 30), "blue": (40, 80, 255), "ora
 RADIUS = 5
 DIGIT_HELD_OUT = 0.2  # share of each digit source's images that only held-out grids use
 IGNORE = -100
-IMAGE_PLACES = ("start", "end")  # where a message's image slots go (model.vision.image_place; the presets use "end")
+IMAGE_PLACES = CHOICES["model.vision.image_place"]  # where a message's image slots go (the step1v presets: "end")
 
 
 # ---- drawing ----------------------------------------------------------------------------------------------
