@@ -59,7 +59,7 @@ def generate(dit, prompts, a):
 
 
 def cmd_dit(a):
-    cfg, dit = load_video_run(a.run)
+    cfg, dit = load_video_run(a.run, average=not a.raw)
     probe = ev.load_probe(a.probe)
     t0 = time.time()
     if a.train_prompts:  # tune sampler settings on training prompts, never on the held-out ones
@@ -75,7 +75,7 @@ def cmd_dit(a):
     gen_s = time.time() - t0
     report = ev.generation_report(probe, clips, digits, dirs, cfg.model.video)
     print(json.dumps({"what": "generated from " + ("training" if a.train_prompts else "held-out") + " prompts",
-                      "run": a.run, "steps": a.steps, "cfg": a.cfg, "shift": a.shift, "gen_s": round(gen_s, 1), **report}))
+                      "run": a.run, "weights": "raw" if a.raw or dit.ema is None else "average", "steps": a.steps, "cfg": a.cfg, "shift": a.shift, "gen_s": round(gen_s, 1), **report}))
 
 
 def cmd_grid(a):
@@ -83,7 +83,7 @@ def cmd_grid(a):
     import numpy as np
     from PIL import Image
 
-    cfg, dit = load_video_run(a.run)
+    cfg, dit = load_video_run(a.run, average=not a.raw)
     prompts, digits, dirs = ev.heldout_prompts(1)
     fake = generate(dit, prompts, a)
     real = torch.stack(ev.real_clips_for(cfg.model.video, digits, dirs, 3))
@@ -110,6 +110,7 @@ def main():
         s = sub.add_parser(name); s.add_argument("run")
         s.add_argument("--steps", type=int, default=30); s.add_argument("--cfg", type=float, default=5.0)
         s.add_argument("--shift", type=float, default=1.0); s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--raw", action="store_true", help="a DiT trained with video.ema: sample with its last weights, not the average")
         if name == "dit":
             s.add_argument("--probe", required=True); s.add_argument("--per-prompt", type=int, default=20)
             s.add_argument("--train-prompts", action="store_true")

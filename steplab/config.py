@@ -107,6 +107,7 @@ class VideoConfig:
     text_layers: int = 2  # the small text encoder's transformer layers
     cond_drop: float = 0.1  # the fraction of training prompts replaced by the empty prompt (for CFG)
     latent_pool: int = 4096  # video-latents: training clips encoded once by the VAE, batches drawn from them
+    ema: float = 0.0  # video-dit: decay of an average of the DiT's weights kept for sampling (0: none)
 
 
 @dataclass
@@ -324,7 +325,7 @@ RANGES: dict[str, Range] = {
     "model.video.temporal_down": AT_LEAST_1, "model.video.kl_weight": AT_LEAST_0, "model.video.dit_dim": Range(8),
     "model.video.dit_layers": AT_LEAST_1, "model.video.dit_heads": AT_LEAST_1, "model.video.patch": AT_LEAST_1,
     "model.video.text_layers": AT_LEAST_0, "model.video.cond_drop": Range(0, 1, hi_open=True),
-    "model.video.latent_pool": AT_LEAST_1,
+    "model.video.latent_pool": AT_LEAST_1, "model.video.ema": Range(0, 1, hi_open=True),
     "data.seq_len": AT_LEAST_1, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,

@@ -208,6 +208,61 @@ def test_zero_initialised_dit_predicts_zero_velocity():
     assert loss.item() == pytest.approx(((noise - z0) ** 2).mean().item(), rel=1e-6)
 
 
+def test_dit_weight_average_follows_the_steps_and_swaps_back_exactly():
+    torch.manual_seed(0)
+    assert dm.VideoDiT(tiny().model).ema is None and not any(k.startswith("ema.") for k in dm.VideoDiT(tiny().model).state_dict())
+    model = dm.VideoDiT(tiny(ema=0.75).model)
+    w0 = model.patch_in.weight.detach().clone()
+    assert torch.equal(model.state_dict()["ema.patch_in__weight"], w0)  # saved with the weights: resume stays exact
+    assert not any(n.startswith("vae.") for n in model.ema.names)  # the frozen VAE is not averaged
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(torch.randn(2, 4, 3, 4, 4), vd.encode_prompts(["a 1", "a 2"])).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_optimizer_step()
+    w1, avg = model.patch_in.weight.detach().clone(), model.ema.patch_in__weight
+    assert not torch.equal(w1, w0) and not torch.equal(avg, w1)
+    with model.ema.swapped(model):
+        assert torch.equal(model.patch_in.weight, avg)
+    assert torch.equal(model.patch_in.weight, w1)  # the trained weights are back, bit for bit
+    # by hand: ema_1 = 0.75 w0 + 0.25 w_a, ema_2 = 0.75 ema_1 + 0.25 w1; check the last step's update
+    before = avg.clone()
+    model.patch_in.weight.data.add_(1.0)
+    model.after_optimizer_step()
+    assert torch.allclose(model.ema.patch_in__weight, 0.75 * before + 0.25 * (w1 + 1.0), atol=1e-6)
+    model.use_average()
+    assert torch.equal(model.patch_in.weight, model.ema.patch_in__weight)
+
+
+def test_dit_branch_keeps_its_own_vae_and_restarts_the_average(tmp_path):
+    from steplab.errors import CheckpointError
+
+    cfg = tiny()
+    run_a, _ = vae_run(tmp_path / "a", cfg)
+    run_b, state_b = vae_run(tmp_path / "b", cfg)
+    state_b = {k: v + 0.01 for k, v in state_b.items()}  # another VAE (e.g. the same run trained further)
+    save_file(state_b, str(run_b / "checkpoints" / "step_00000001" / "model.safetensors"))
+    torch.manual_seed(1)
+    parent = dm.VideoDiT(tiny(vae_run=str(run_a)).model)
+    for p in parent.parameters():
+        torch.nn.init.normal_(p, std=0.1) if p.requires_grad else None
+    ckpt = tmp_path / "parent"
+    ckpt.mkdir()
+    save_file({k: v.contiguous() for k, v in parent.state_dict().items()}, str(ckpt / "model.safetensors"))
+    torch.manual_seed(2)
+    child = dm.VideoDiT(tiny(vae_run=str(run_b), ema=0.9).model)
+    own_z = child.z_std.clone()
+    child.load_branch_weights(ckpt)
+    assert torch.equal(child.patch_in.weight, parent.patch_in.weight)  # the denoiser and text encoder: the parent's
+    assert torch.equal(child.text.embed.weight, parent.text.embed.weight)
+    assert torch.equal(child.vae.conv_in.weight, state_b["conv_in.weight"])  # the VAE: this run's own
+    assert torch.equal(child.z_std, own_z) and not torch.equal(child.z_std, parent.z_std)
+    assert torch.equal(child.ema.patch_in__weight, parent.patch_in.weight)  # the average restarts at the branch point
+    with pytest.raises(CheckpointError, match="not a DiT of this shape"):
+        dm.VideoDiT(tiny(vae_run=str(run_b), dit_dim=36, dit_heads=3).model).load_branch_weights(ckpt)
+
+
 # ---- probes and Frechet distance -----------------------------------------------------------------------
 def test_frechet_distance_values():
     rng = np.random.default_rng(0)
@@ -290,7 +345,7 @@ def test_vae_and_dit_train_and_resume_exactly_through_the_trainer(tmp_path):
 
     vae = train(_video_cfg("stepvideo-vae-nano"), tmp_path / "vae", progress=False)
     assert {"val_loss", "val_psnr", "val_psnr_box"} <= set(vae)
-    dit_cfg = _video_cfg("stepvideo-dit-nano", vae_run=tmp_path / "vae")
+    dit_cfg = _video_cfg("stepvideo-dit-nano", vae_run=tmp_path / "vae", ema=0.5)
     full = train(dit_cfg, tmp_path / "dit", progress=False)
     shutil.copytree(tmp_path / "dit", tmp_path / "part")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_00000004")  # killed between steps 2 and 4
@@ -299,8 +354,16 @@ def test_vae_and_dit_train_and_resume_exactly_through_the_trainer(tmp_path):
     peak_flops.cache_clear()  # as in a fresh process: measuring the peak must not move the restored RNG
     resumed = train(dit_cfg, tmp_path / "part", resume=True, progress=False)
     assert len(_losses(tmp_path / "dit")) == 4 and _losses(tmp_path / "part") == _losses(tmp_path / "dit")
-    assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["val_loss"] == full["val_loss"] and resumed["val_loss_ema"] == full["val_loss_ema"] != full["val_loss"]
+    _, raw = load_video_run(tmp_path / "dit", average=False)
     _, model = load_video_run(tmp_path / "dit")  # self-contained: the VAE and latent statistics are in the checkpoint
+    assert torch.equal(model.patch_in.weight, raw.ema.patch_in__weight) and not torch.equal(model.patch_in.weight, raw.patch_in.weight)
+    branch_cfg = _video_cfg("stepvideo-dit-nano", vae_run=tmp_path / "vae", ema=0.5)
+    branch_cfg.train.init_from, branch_cfg.train.max_steps, branch_cfg.train.lr = str(tmp_path / "dit"), 1, 1e-9
+    train(branch_cfg, tmp_path / "branch", progress=False)  # through the family's load_branch_weights
+    _, child = load_video_run(tmp_path / "branch", average=False)
+    assert torch.allclose(child.patch_in.weight, raw.patch_in.weight, atol=1e-7)  # started at the parent's weights
+    assert not torch.allclose(child.patch_in.weight, raw.ema.patch_in__weight, atol=1e-6)  # not its average
     shutil.rmtree(tmp_path / "vae")
     _, again = load_video_run(tmp_path / "dit")
     assert torch.equal(again.z_std, model.z_std) and torch.equal(again.sample(["a 1"], steps=2), model.sample(["a 1"], steps=2))

@@ -22,8 +22,9 @@ def is_video_run(run_dir: str | Path) -> bool:
     return json.loads(path.read_text()).get("model", {}).get("family", "") in ("video-vae", "video-dit")
 
 
-def load_video_run(run_dir: str | Path):
-    """(config, model in eval mode) from a video-vae or video-dit run's latest checkpoint."""
+def load_video_run(run_dir: str | Path, average: bool = True):
+    """(config, model in eval mode) from a video-vae or video-dit run's latest checkpoint; a DiT trained with
+    ``video.ema`` samples with its averaged weights unless ``average=False``."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -44,6 +45,8 @@ def load_video_run(run_dir: str | Path):
 
         model = VideoVAE(cfg.model)
     model.load_state_dict(state)
+    if average and hasattr(model, "use_average"):
+        model.use_average()
     return cfg, model.eval()
 
 

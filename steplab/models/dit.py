@@ -13,8 +13,10 @@ embedding (a single global vector that tells AdaLN which prompt it is).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -138,6 +140,54 @@ class DiTBlock(nn.Module):
         return x + g2[:, None] * self.mlp(self.n2(x) * (1 + sc2[:, None]) + sh2[:, None])
 
 
+# ---- weight average ------------------------------------------------------------------------------------
+class WeightEMA(nn.Module):
+    """An exponential moving average of a model's trainable weights, ema <- decay * ema + (1 - decay) * w after
+    every optimizer step. Diffusion samples are usually much better from the average than from the last step.
+
+    The averages are buffers, so they are saved in every checkpoint with the weights: resume stays exact and a
+    checkpoint alone samples with them. (Under FSDP the weights are sharded and these buffers are not: single
+    process only.)
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                self.register_buffer(n.replace(".", "__"), p.detach().clone())
+
+    def averages(self, model: nn.Module):
+        params = dict(model.named_parameters())
+        return [(params[n], getattr(self, n.replace(".", "__"))) for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for p, avg in self.averages(model):
+            avg.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        for p, avg in self.averages(model):
+            avg.copy_(p.detach())
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module):
+        """Inside: the model's weights are the averages; after: the trained weights again, bit for bit."""
+        pairs = self.averages(model)
+        with torch.no_grad():
+            saved = [p.detach().clone() for p, _ in pairs]
+            for p, avg in pairs:
+                p.copy_(avg)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for (p, _), w in zip(pairs, saved):
+                    p.copy_(w)
+
+
 # ---- the model -----------------------------------------------------------------------------------------
 class VideoDiT(nn.Module):
     """Text-to-video flow model over a frozen video VAE's latents (family ``video-dit``).
@@ -179,6 +229,48 @@ class VideoDiT(nn.Module):
         if v.vae_run:  # a new run: take the VAE's weights; a saved DiT's checkpoint holds them already
             self.vae.load_state_dict(load_vae_run(v.vae_run, cfg).state_dict())
             self._measure_latents()
+        self.ema = WeightEMA(self, v.ema) if v.ema else None  # last: it averages every trainable weight above
+
+    # the trainer's hooks: after each optimizer step; when a run branches from another (train.init_from)
+    def after_optimizer_step(self) -> dict[str, float]:
+        if self.ema is not None:
+            self.ema.update(self)
+        return {}
+
+    # the parent's VAE and latent statistics stay behind: this run's latents come from its own vae_run
+    OWN_KEYS = ("vae.", "z_mean", "z_std", "ema.")
+
+    @torch.no_grad()
+    def load_branch_weights(self, ckpt: str | Path) -> None:
+        """Start from another DiT checkpoint's denoiser (and text encoder), keeping this run's VAE, latent
+        statistics and weight average (restarted at the loaded weights). The parent may have been trained on
+        another VAE's latents (e.g. an earlier checkpoint of the same VAE run): the DiT then adapts to these."""
+        from safetensors.torch import load_file
+
+        from steplab.errors import CheckpointError
+
+        path = Path(ckpt) / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"train.init_from: {path} is missing; pass a video-dit run or one of its checkpoints")
+        theirs = {k: t for k, t in load_file(str(path)).items() if not k.startswith(self.OWN_KEYS)}
+        mine = self.state_dict()
+        wanted = {k: tuple(t.shape) for k, t in mine.items() if not k.startswith(self.OWN_KEYS)}
+        got = {k: tuple(t.shape) for k, t in theirs.items()}
+        if wanted != got:
+            diff = sorted(set(wanted) ^ set(got)) or [k for k in wanted if wanted[k] != got[k]]
+            raise CheckpointError(f"train.init_from: {ckpt} is not a DiT of this shape (first differences: {diff[:3]}); "
+                                  "branch only from a video-dit run with the same dit_* and patch settings")
+        self.load_state_dict({**mine, **theirs})
+        if self.ema is not None:
+            self.ema.reset(self)
+
+    def use_average(self) -> "VideoDiT":
+        """For sampling: replace the trained weights by their average (no-op without ``video.ema``)."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, avg in self.ema.averages(self):
+                    p.copy_(avg)
+        return self
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -254,9 +346,18 @@ class VideoDiT(nn.Module):
     @torch.no_grad()
     def eval_metrics(self, batches) -> dict[str, float]:
         """The flow loss on held-out prompts and images with fixed noise and t (comparable across steps)."""
-        gen = torch.Generator().manual_seed(0)
-        losses = [self.flow_loss(self.normalise(z), ids, gen).item() for z, ids in batches]
-        return {"val_loss": sum(losses) / len(losses)}
+        batches = list(batches)
+
+        def loss() -> float:
+            gen = torch.Generator().manual_seed(0)
+            losses = [self.flow_loss(self.normalise(z), ids, gen).item() for z, ids in batches]
+            return sum(losses) / len(losses)
+
+        out = {"val_loss": loss()}
+        if self.ema is not None:  # the same batches, noise and t with the averaged weights
+            with self.ema.swapped(self):
+                out["val_loss_ema"] = loss()
+        return out
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int = 30, cfg_scale: float = 5.0, shift: float = 1.0,

@@ -139,7 +139,9 @@ def init_from_run(model: torch.nn.Module, source: Path, optimizer: torch.optim.O
     """Branch: start from another run's latest weights; given the (already wrapped) model's ``optimizer``, take
     that run's AdamW state too, as a resume does (this run's step, schedule and data order still start at 0)."""
     init_ckpt = init_checkpoint(source)
-    if optimizer is None:
+    if optimizer is None and hasattr(model, "load_branch_weights"):
+        model.load_branch_weights(init_ckpt)  # the family says what a branch takes (a DiT keeps its own VAE)
+    elif optimizer is None:
         load_weights(init_ckpt, model)
     elif not (init_ckpt / "dcp" / ".metadata").is_file():
         raise ConfigError(f"train.init_optimizer=true but {init_ckpt} holds weights only (no optimizer state, e.g. an "
