@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                train=dict(batch_size=8, lr=2e-3, warmup_steps=20, weight_decay=0.0, max_steps=4000)),
     # DiT 0.97M N (with its text encoder) over 80 latent patches (5 x 4 x 4); fp32: on this CPU bf16 autocast made its backward slower
     "stepvideo-dit-nano": dict(model=dict(family="video-dit", video=dict(dit_dim=96, dit_layers=5, dit_heads=4, patch=2, text_layers=1,
-                                                                         latent_pool=16384)),
+                                                                         latent_pool=16384, ema=0.999)),
                                data=dict(kind="video-latents", path="builtin"),
                                train=dict(batch_size=16, lr=1e-3, warmup_steps=50, weight_decay=0.0, max_steps=5000,
                                           dtype="fp32")),
