@@ -114,3 +114,37 @@ def test_ray_rollouts_match_local(countdown_run, tmp_path):
     a = load_file(tmp_path / "local/checkpoints/step_00000002/model.safetensors")
     b = load_file(tmp_path / "ray/checkpoints/step_00000002/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ScriptedRollouts:
+    """Returns fixed response texts (the engine's sampling is tested above); the grading is the task's own."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def run(self, weights, jobs, spec):
+        from steplab.rl.policy import Sample
+
+        return [Sample(j.item, j.group, j.prompt, [5], [0.0], "stop", t) for j in jobs for t in self.texts[j.item]]
+
+
+def test_heldout_eval_reports_pass_at_k():
+    from steplab.rl.loop import evaluate_heldout
+    from steplab.tasks import get_task
+
+    task = get_task("countdown3")
+    items = task.items("test", 3, seed=0)
+
+    class Tok:  # prompt_ids only needs encode and a bos id
+        bos_id = 0
+
+        @staticmethod
+        def encode(text):
+            return [1] * len(text)
+
+    right = [f" {it.answer}" for it in items]
+    texts = [[right[0], " 1+1"], [" 1+1", " x"], [" 1+1", right[2]]]
+    out = evaluate_heldout(_ScriptedRollouts(texts), Tok(), task, items, 2, 16, 0)
+    assert out["eval_pass1"] == pytest.approx(2 / 6)
+    assert out["eval_pass2"] == pytest.approx(2 / 3)  # problems 0 and 2 have a right sample among their two
+    assert out["eval_format_violation"] == pytest.approx(1 / 6)  # " x" is no expression

@@ -109,13 +109,19 @@ def _seed(*parts: int) -> int:
 
 
 def evaluate_heldout(rollouts, tokenizer, task, items, samples: int, max_tokens: int, seed: int) -> dict[str, float]:
-    """Held-out pass@1 (mean over ``samples`` temperature-1 samples per problem), truncation and format rates."""
+    """Held-out pass@1 (mean over ``samples`` temperature-1 samples per problem), pass@``samples`` (a problem
+    counts when any of its samples is right: RL must not buy pass@1 by collapsing diversity), truncation and
+    format rates."""
     jobs = [Job(i, i, prompt_ids(tokenizer, it.prompt), _seed(seed, 99991, i)) for i, it in enumerate(items)]
     out = rollouts.run(None, jobs, SamplingSpec(samples, max_tokens, 1.0, task.stop))
+    solved = set()
     for s in out:
         grade(task, items[s.item], s)
+        if s.correct:
+            solved.add(s.item)
     n = max(1, len(out))
-    return {"eval_pass1": sum(s.correct for s in out) / n, "eval_format_violation": 1 - sum(s.well_formed for s in out) / n,
+    return {"eval_pass1": sum(s.correct for s in out) / n, f"eval_pass{samples}": len(solved) / max(1, len(items)),
+            "eval_format_violation": 1 - sum(s.well_formed for s in out) / n,
             "eval_truncated": sum(s.finish_reason == "length" for s in out) / n}
 
 
@@ -253,6 +259,8 @@ def write_report(cfg: RLConfig, out: Path) -> dict:
                "eval_pass1_start": evals[0]["eval_pass1"] if evals else None,
                "eval_pass1_end": evals[-1]["eval_pass1"] if evals else None,
                "eval_format_violation_end": evals[-1]["eval_format_violation"] if evals else None,
+               f"eval_pass{cfg.eval_samples}_start": evals[0].get(f"eval_pass{cfg.eval_samples}") if evals else None,
+               f"eval_pass{cfg.eval_samples}_end": evals[-1].get(f"eval_pass{cfg.eval_samples}") if evals else None,
                "max_logprob_diff": max((r["logprob_diff"] for r in train), default=0.0)}
     atomic_write_json(out / "summary.json", summary)
     plot_curves(records, out / "curves.png", f"{out.name}: {cfg.algo} on {cfg.task}")
