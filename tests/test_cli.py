@@ -58,7 +58,7 @@ def test_quickstart_moe_trains_step2_models(tmp_path, capsys):
 def test_train_sample_eval_verbs(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--quiet", "--out", str(run)] + [f"--set={o}" for o in tiny_overrides(tiny_data, steps=6)]
-    assert main(args) == 0
+    assert main(args + ["--set=train.ckpt_every=3", "--set=train.keep_last=0"]) == 0
     assert "val loss" in capsys.readouterr().out
     assert main(["sample", str(run), "--prompt", "def f(", "--temperature", "0", "--max-new-tokens", "12", "--json"]) == 0
     cached = json.loads(capsys.readouterr().out)
@@ -67,6 +67,11 @@ def test_train_sample_eval_verbs(tiny_data, tmp_path, capsys):
     assert main(["eval", str(run), "--batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6 and result["val_loss"] > 0 and result["val_bpb"] > 0
+    assert main(["eval", str(run), "--batches", "2", "--checkpoint", str(run / "checkpoints" / "step_00000003")]) == 0
+    earlier = json.loads(capsys.readouterr().out)  # --checkpoint is honoured, not silently the latest
+    assert earlier["step"] == 3 and earlier["val_loss"] != result["val_loss"]
+    assert main(["eval", str(run), "--lm-eval", "x", "--checkpoint", str(run / "checkpoints" / "step_00000003")]) == 2
+    assert "--lm-eval scores the run's latest checkpoint" in capsys.readouterr().err
     assert main(["eval", str(run), "--task", "vqa"]) == 2  # a text run has no image tower
     assert "is not a Step-1V run" in capsys.readouterr().err
 

@@ -54,8 +54,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "and accepts it only when all are the requested text (default 0: the decode alone)")
     g.add_argument("--speech-split", choices=["test", "dev"], default="test",
                    help="--task asr: the test split (default) or the selection set carved from training (choose checkpoints on dev)")
-    g.add_argument("--checkpoint", dest="speech_checkpoint", metavar="DIR",
-                   help="--task asr/tts/vqa: a specific checkpoint directory of the run (default: the latest)")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="a specific checkpoint directory of the run (default: the latest); every eval but --lm-eval")
 
 
 def cmd_tokenizer_train_audio(args) -> int:
@@ -112,7 +112,7 @@ def cmd_eval_speech(args) -> int:
     train, test = split_clips(clips, args.eval_holdout_speaker)
     if args.speech_split == "dev":
         train, test = dev_split(train)
-    sm = SpeechModel.from_run(args.run, device=args.device, checkpoint=args.speech_checkpoint)
+    sm = SpeechModel.from_run(args.run, device=args.device, checkpoint=args.checkpoint)
     out: dict = {"run": args.run, "step": sm.step, "source": args.speech_source, "split": args.speech_split,
                  "test_clips": len(test)}
     if "asr" in args.task:

@@ -46,6 +46,10 @@ def cmd_eval(args) -> int:
 
     if wants_speech(args):
         return cmd_eval_speech(args)
+    if args.lm_eval and args.checkpoint:
+        from steplab.errors import ConfigError
+
+        raise ConfigError("--lm-eval scores the run's latest checkpoint; drop --checkpoint (or export that checkpoint first)")
     if args.task == ["list"]:
         from steplab.tasks import get_task, task_names
 
@@ -67,7 +71,7 @@ def cmd_eval(args) -> int:
     if args.task or args.suite:
         from steplab.eval.runner import EngineLM
 
-        with EngineLM.from_run(args.run, device=args.device, dtype=args.dtype or "fp32") as lm:
+        with EngineLM.from_run(args.run, device=args.device, dtype=args.dtype or "fp32", checkpoint=args.checkpoint) as lm:
             if args.task:
                 from steplab.eval.task_eval import run_task
                 from steplab.tasks import get_task
@@ -91,6 +95,7 @@ def cmd_eval(args) -> int:
     if args.lm_eval:
         from steplab.eval.harness import run_lm_eval
 
+
         tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
         res = run_lm_eval(args.run, tasks, args.include_path, device=args.device, dtype=args.dtype or "fp32", limit=args.limit)
         out["lm_eval"] = res["results"]
@@ -113,7 +118,7 @@ def _tts(args) -> int:
         raise ConfigError("--vote best-of needs --verifier DIR (an outcome reward model from `steplab rl --train-verifier`)")
     for name in args.task:
         res = run_tts(args.run, name, args.samples, args.items, args.seed, args.verifier,
-                      device="cpu" if args.device == "auto" else args.device)
+                      device="cpu" if args.device == "auto" else args.device, checkpoint=args.checkpoint)
         t = res["table"]
         K = max(t["pass"])
         head = t["verifier"][K] if args.vote == "best-of" else t["maj"][K]
@@ -132,8 +137,7 @@ def _vqa(args) -> int:
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
-    checkpoint = getattr(args, "speech_checkpoint", None)  # --checkpoint (cli/audio.py defines it for every task)
-    cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device), checkpoint=checkpoint)
+    cfg, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device), checkpoint=args.checkpoint)
     if cfg.model.vision.image_size == 0:
         from steplab.errors import ConfigError
 
@@ -170,7 +174,7 @@ def _loss(args) -> int:
     from steplab.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    cfg, model, tokenizer, step = load_run(args.run, device=device)
+    cfg, model, tokenizer, step = load_run(args.run, device=device, checkpoint=args.checkpoint)
     _, _, val, _ = load_prepared(args.data or cfg.data.path)
     batches = iter_eval_batches(val, cfg.data.seq_len, cfg.train.batch_size, max_batches=args.batches)
     result = evaluate(model, batches, token_byte_lengths(tokenizer), device=device, dtype=args.dtype or cfg.train.dtype)

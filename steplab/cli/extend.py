@@ -107,7 +107,7 @@ def cmd_eval_passkey(args) -> int:
     from steplab.utils import atomic_write_json
 
     device = resolve_device("auto")
-    cfg, model, tokenizer, step = load_run(args.run, device=device)
+    cfg, model, tokenizer, step = load_run(args.run, device=device, checkpoint=args.checkpoint)
     try:
         L = cfg.model.max_seq_len
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()] or [L // 4, L // 2, L, 2 * L]

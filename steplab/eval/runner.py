@@ -22,13 +22,14 @@ class EngineLM:
         self.context_len = self.engine.context_len
 
     @classmethod
-    def from_run(cls, run: str | Path, device: str = "auto", dtype: str = "fp32", **kw) -> "EngineLM":
+    def from_run(cls, run: str | Path, device: str = "auto", dtype: str = "fp32", checkpoint: str | Path | None = None,
+                 **kw) -> "EngineLM":
         import torch
 
         from steplab.train.checkpoint import load_run
         from steplab.train.trainer import resolve_device
 
-        _, model, tokenizer, _ = load_run(run, device=resolve_device(device))
+        _, model, tokenizer, _ = load_run(run, device=resolve_device(device), checkpoint=checkpoint)
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
         model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)

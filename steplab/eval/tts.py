@@ -61,7 +61,8 @@ def scaling_table(graded: list[list[dict]], scores: list[list[float]] | None = N
 
 
 def run_tts(run: str | Path, task_name: str, samples: int, n_items: int = 500, seed: int = 0,
-            verifier: str | Path | None = None, device: str = "cpu", label: str | None = None) -> dict:
+            verifier: str | Path | None = None, device: str = "cpu", label: str | None = None,
+            checkpoint: str | Path | None = None) -> dict:
     """Sample ``samples`` answers to ``n_items`` held-out problems of ``task_name`` and score every method."""
     from steplab.eval.sampling import sample_answers
     from steplab.eval.verifier import encode_answer, load_verifier, score
@@ -70,7 +71,7 @@ def run_tts(run: str | Path, task_name: str, samples: int, n_items: int = 500, s
 
     t0 = time.time()
     task = get_task(task_name)
-    _, model, tok, step = load_run(run, device=device)
+    _, model, tok, step = load_run(run, device=device, checkpoint=checkpoint)
     items = task.items("test", n_items, seed)
     graded = sample_answers(model.float(), tok, task, items, samples, task.max_tokens, seed)
     scores = None

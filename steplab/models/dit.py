@@ -154,9 +154,9 @@ class WeightEMA(nn.Module):
         super().__init__()
         self.decay = decay
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                self.register_buffer(n.replace(".", "__"), p.detach().clone())
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.register_buffer(n.replace(".", "__"), params[n].detach().clone())
 
     def averages(self, model: nn.Module):
         params = dict(model.named_parameters())
@@ -176,16 +176,20 @@ class WeightEMA(nn.Module):
     def swapped(self, model: nn.Module):
         """Inside: the model's weights are the averages; after: the trained weights again, bit for bit."""
         pairs = self.averages(model)
-        with torch.no_grad():
-            saved = [p.detach().clone() for p, _ in pairs]
-            for p, avg in pairs:
-                p.copy_(avg)
+        saved = [p.detach().clone() for p, _ in pairs]
+        self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
                 for (p, _), w in zip(pairs, saved):
                     p.copy_(w)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """The model's trainable weights := their averages."""
+        for p, avg in self.averages(model):
+            p.copy_(avg)
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -267,9 +271,7 @@ class VideoDiT(nn.Module):
     def use_average(self) -> "VideoDiT":
         """For sampling: replace the trained weights by their average (no-op without ``video.ema``)."""
         if self.ema is not None:
-            with torch.no_grad():
-                for p, avg in self.ema.averages(self):
-                    p.copy_(avg)
+            self.ema.copy_to(self)
         return self
 
     def train(self, mode: bool = True):
