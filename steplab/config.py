@@ -163,6 +163,9 @@ class DataConfig:
     kind: str = "tokens"  # what path holds: "tokens" (token shards) or a registered kind (train/data.py)
     path: str = ""  # tokens: a directory written by `steplab data prepare`; other kinds: what their builder reads
     seq_len: int = 256
+    # PoSE (data/loader.py skip_positions): > 0 gives each training row position ids spread over this many
+    # positions, so rows of seq_len train the relative distances of a longer context; 0: positions 0..seq_len-1
+    pose_length: int = 0
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
@@ -232,6 +235,14 @@ class RunConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than 256 bytes + {special_tokens} special tokens = {256 + special_tokens}")
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
+        if self.data.pose_length:
+            d = self.data
+            if not d.seq_len < d.pose_length <= m.max_seq_len:
+                raise ConfigError(f"data.pose_length={d.pose_length} must be in (data.seq_len={d.seq_len}, model.max_seq_len="
+                                  f"{m.max_seq_len}]: it is the context the rows' positions span; 0 turns PoSE off")
+            if d.kind != "tokens" or m.family:
+                raise ConfigError(f"data.pose_length works for text token data on Step-1/Step-2 models, not data.kind="
+                                  f"{d.kind!r} with model.family={m.family!r}; set data.pose_length=0")
         _validate_rope(m)
         _validate_vision(m)
         return self
@@ -326,7 +337,7 @@ RANGES: dict[str, Range] = {
     "model.video.dit_layers": AT_LEAST_1, "model.video.dit_heads": AT_LEAST_1, "model.video.patch": AT_LEAST_1,
     "model.video.text_layers": AT_LEAST_0, "model.video.cond_drop": Range(0, 1, hi_open=True),
     "model.video.latent_pool": AT_LEAST_1, "model.video.ema": Range(0, 1, hi_open=True),
-    "data.seq_len": AT_LEAST_1, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
+    "data.seq_len": AT_LEAST_1, "data.pose_length": AT_LEAST_0, "data.chat.mix_fraction": Range(0, 1, hi_open=True),
     "train.batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
     "train.lr": POSITIVE, "train.min_lr_ratio": UNIT, "train.warmup_steps": AT_LEAST_0, "train.decay_fraction": UNIT,
     "train.weight_decay": AT_LEAST_0, "train.beta1": Range(0, 1, hi_open=True), "train.beta2": Range(0, 1, hi_open=True),

@@ -147,3 +147,64 @@ def test_eval_passkey_writes_heatmap_and_position_perplexity(base_run, tmp_path,
     assert len(ppl["buckets"]) == 8 and all(v > 1 for v in ppl["buckets"].values())
     assert "passkey exact match" in capsys.readouterr().out
     assert main(["eval", str(base_run), "--task", "passkey", "--depths", "2"]) == 2
+
+
+def test_pose_positions_skip_ahead_within_the_span_and_resume_exactly(tiny_data):
+    from steplab.data.loader import skip_positions
+    from steplab.errors import DataError
+    from steplab.train.data import TokenData
+
+    pos = skip_positions(64, 32, 128, np.random.default_rng(0))
+    assert pos.shape == (64, 32) and pos.dtype == torch.int64
+    steps = pos.diff(dim=1)
+    assert (pos[:, 0] == 0).all() and (steps >= 1).all() and ((steps > 1).sum(dim=1) <= 1).all()  # one jump at most
+    assert int(pos.max()) <= 127 and int(pos[:, -1].max()) > 100  # reaches far into the span
+    assert torch.equal(pos, skip_positions(64, 32, 128, np.random.default_rng(0)))
+    with pytest.raises(DataError, match="must exceed"):
+        skip_positions(2, 32, 32, np.random.default_rng(0))
+    cfg = resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"model.max_seq_len": 128, "data.pose_length": 128}))
+    data = TokenData(cfg)
+    data.next_batch()
+    state = data.state_dict()
+    x, y, p = data.next_batch()
+    assert p.shape == x.shape and int(p.max()) < 128
+    again = TokenData(cfg)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, p), again.next_batch()))
+    for bad, match in (({"data.pose_length": 32}, "must be in"), ({"data.pose_length": 256}, "must be in")):
+        with pytest.raises(ConfigError, match=match):
+            resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"model.max_seq_len": 128, **bad}))
+
+
+def test_model_positions_are_relative_and_default_to_the_row(base_run):
+    cfg, model, _, _ = load_run(base_run)
+    ids = torch.randint(10, 300, (2, 48))
+    with torch.no_grad():
+        plain = model(ids)
+        assert torch.equal(model(ids, None, torch.arange(48).expand(2, 48)), plain)
+        # RoPE sees only differences: every position shifted by 10 gives the same logits (up to rounding)
+        assert torch.allclose(model(ids, None, torch.arange(10, 58).expand(2, 48)), plain, atol=1e-4)
+        # a skip inside the row changes what the tokens after it see
+        skipped = torch.cat([torch.arange(24), torch.arange(24) + 40]).expand(2, 48)
+        out = model(ids, None, skipped)
+        assert torch.allclose(out[:, :24], plain[:, :24], atol=1e-5) and not torch.allclose(out[:, 24:], plain[:, 24:], atol=1e-3)
+        with pytest.raises(ValueError, match="exceeds max_seq_len"):
+            model(ids, None, torch.arange(48).expand(2, 48) + cfg.model.max_seq_len)
+
+
+def test_extend_with_pose_trains_rows_shorter_than_the_context(base_run, tiny_data, tmp_path, capsys):
+    out = tmp_path / "pose"
+    args = ["extend", str(base_run), "--factor", "4", "--seq-len", "128", "--pose", "--method", "yarn", "--steps", "4",
+            "--out", str(out), "--memory", "", "--quiet"]
+    assert main(args) == 0
+    assert "PoSE: each row's second chunk skips ahead, so rows of 128 train distances up to 256" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["pose_length"] == 256 and saved["data"]["seq_len"] == 128
+    reference = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    for ckpt in list_checkpoints(out):
+        if int(ckpt.name[5:]) > 2:
+            shutil.rmtree(ckpt)
+    assert main(args + ["--resume"]) == 0
+    assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == reference
+    with pytest.raises(ConfigError, match="--pose"):
+        extension_plan(base_run, factor=4, method="yarn", steps=4, data_path=str(tiny_data), pose=True)

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta-fast", type=float, help="yarn: pairs rotating at least this often over the trained length keep "
                    "their frequency (default 32, the paper's value for Llama's 4k context; ~2 suits contexts of a few hundred)")
     p.add_argument("--beta-slow", type=float, help="yarn: pairs rotating at most this often are interpolated (default 1)")
+    p.add_argument("--pose", action="store_true", help="PoSE: rows shorter than the new context (--seq-len) get position "
+                   "ids that skip ahead to span all of it, so training sees its longest distances (Zhu et al., ICLR 2024)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the derived config, e.g. "
                    "--set train.ckpt_every=25")
     p.add_argument("--memory", default="4,8,16", help="measure peak training memory at these multiples of the trained "
@@ -56,7 +58,7 @@ def cmd_extend(args) -> int:
               f"+ {meta['passkey_rows']:,} passkey rows -> {data}")
     plan = extension_plan(args.run, factor=args.factor, method=args.method, steps=args.steps, data_path=str(data),
                           seq_len=seq_len, lr=args.lr, batch_size=args.batch_size, beta_fast=args.beta_fast,
-                          beta_slow=args.beta_slow)
+                          beta_slow=args.beta_slow, pose=args.pose)
     cfg = plan.cfg
     if args.set:
         from steplab.config import _deep_update, parse_overrides

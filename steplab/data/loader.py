@@ -96,6 +96,19 @@ class TokenLoader:
         self.position = position
 
 
+def skip_positions(rows: int, seq_len: int, span: int, rng: np.random.Generator) -> torch.Tensor:
+    """PoSE position ids (Zhu et al., ICLR 2024, "Positional Skip-wise Training"): each row of ``seq_len`` tokens
+    is cut at a random point into two chunks and the second chunk's positions jump ahead by a random skip, so the
+    row's positions span up to ``span``. Relative distances up to ``span`` then occur in training without rows
+    of that length: a model extended at 4x sees the query-to-start distances of 8x. (rows, seq_len) int64."""
+    if span <= seq_len:
+        raise DataError(f"a PoSE span of {span} must exceed the row length {seq_len}")
+    cut = rng.integers(1, seq_len, size=rows)  # the second chunk starts here (both chunks non-empty)
+    skip = rng.integers(0, span - seq_len + 1, size=rows)
+    pos = np.arange(seq_len)[None, :] + np.where(np.arange(seq_len)[None, :] >= cut[:, None], skip[:, None], 0)
+    return torch.from_numpy(pos.astype(np.int64))
+
+
 def iter_eval_batches(shards: ShardSet, seq_len: int, batch_size: int, max_batches: int | None = None,
                       device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The held-out windows, ``batch_size`` at a time, the same on every call.

@@ -61,13 +61,15 @@ class Step1(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or the mean cross-entropy over the non-ignored ``targets`` when given.
 
         With a ``cache``, row b of ``idx`` continues the sequence in cache slot ``slots[b]`` (default: row b)
         from position ``cache.lengths[slot]``; the cache lengths advance by T. ``embeds`` (B, T, d_model), when
         given, replaces the token embeddings: Step-1V (models/vision.py) puts image features at image places.
+        ``positions`` (B, T), without a cache, gives each token its RoPE position instead of 0..T-1: PoSE training
+        rows (``data.pose_length``) whose positions skip ahead to span a longer context.
         """
         B, T = idx.shape
         x = self.tok_emb(idx) if embeds is None else embeds
@@ -75,9 +77,15 @@ class Step1(nn.Module):
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-            cos, sin, positions = self.rope_cos[:T], self.rope_sin[:T], None
-            if is_dynamic(self.rope) and T > self.rope.original_max_seq_len:
-                cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_base, self.rope, seq_len=T, device=idx.device)
+            n = T if positions is None else int(positions.max()) + 1
+            if n > self.cfg.max_seq_len:
+                raise ValueError(f"position {n - 1} exceeds max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:n], self.rope_sin[:n]
+            if is_dynamic(self.rope) and n > self.rope.original_max_seq_len:
+                cos, sin = rope_tables(self.cfg.head_dim, n, self.cfg.rope_base, self.rope, seq_len=n, device=idx.device)
+            if positions is not None:
+                cos, sin = cos[positions][:, None], sin[positions][:, None]
+            positions = None  # the layers use positions only to write a cache
             if self.cfg.doc_mask_token >= 0:
                 segments = document_segments(idx, self.cfg.doc_mask_token)
         else:

@@ -263,9 +263,10 @@ class Step2(Step1):
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, layer.ffn) for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, slots=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None, *,
+                cache=None, slots=None) -> torch.Tensor:
         """Logits, or with ``targets`` the mean cross-entropy (+ the weighted router losses when training)."""
-        out = super().forward(idx, targets, cache=cache, slots=slots)
+        out = super().forward(idx, targets, positions, cache=cache, slots=slots)
         if targets is not None and self.training:
             for _, moe in self.moe_layers():
                 if moe.aux_loss is not None:

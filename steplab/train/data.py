@@ -17,10 +17,11 @@ import importlib
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
+import numpy as np
 import torch
 
 from steplab.config import RunConfig
-from steplab.data.loader import TokenLoader, iter_eval_batches
+from steplab.data.loader import TokenLoader, iter_eval_batches, skip_positions
 from steplab.data.prepare import load_prepared
 from steplab.errors import ConfigError
 from steplab.eval.evaluate import autocast_context, evaluate, token_byte_lengths
@@ -101,9 +102,16 @@ class TokenData:
         self.loader = TokenLoader(train_shards, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
         self.tokens_per_batch = tc.batch_size * cfg.data.seq_len
         self._token_bytes = token_byte_lengths(self.tokenizer)
+        self.pose_length = cfg.data.pose_length
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loader.next_batch()
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets), plus PoSE position ids when ``data.pose_length`` is set. The positions are drawn
+        from the loader's state before the batch, so a resumed run draws the same ones."""
+        if not self.pose_length:
+            return self.loader.next_batch()
+        rng = np.random.default_rng([self.loader.seed, self.loader.epoch, self.loader.position, 0x905E])
+        x, y = self.loader.next_batch()
+        return x, y, skip_positions(x.shape[0], self.seq_len, self.pose_length, rng).to(x.device)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

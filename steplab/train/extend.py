@@ -91,10 +91,11 @@ class ExtensionPlan:
 
 def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: int, data_path: str,
                    seq_len: int | None = None, lr: float | None = None, batch_size: int | None = None,
-                   beta_fast: float | None = None, beta_slow: float | None = None) -> ExtensionPlan:
+                   beta_fast: float | None = None, beta_slow: float | None = None, pose: bool = False) -> ExtensionPlan:
     """The config of an extension of ``base_run``: RoPE scaled ``factor``-fold with ``method``, trained ``steps``
     steps at ``seq_len`` (default factor x the base length) on ``data_path``, starting from the base weights.
-    ``beta_fast``/``beta_slow`` set YaRN's ramp (default: the paper's 32 and 1, tuned for Llama's 4k context)."""
+    ``beta_fast``/``beta_slow`` set YaRN's ramp (default: the paper's 32 and 1, tuned for Llama's 4k context).
+    ``pose``: rows shorter than the new context get PoSE positions spanning all of it (``data.pose_length``)."""
     base_run = Path(base_run)
     config_path = base_run / "config.json"
     if not config_path.is_file():
@@ -126,6 +127,9 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
     t.schedule, t.warmup_steps, t.min_lr_ratio = "cosine", max(1, min(20, steps // 10)), 0.1
     t.eval_every = t.ckpt_every = max(1, min(base.train.ckpt_every, steps // 4 or 1))
     t.keep_last = max(t.keep_last, 8)
+    if pose and seq_len >= m.max_seq_len:
+        raise ConfigError(f"--pose spreads rows of --seq-len over the context; the rows ({seq_len}) already span it ({m.max_seq_len})")
+    cfg.data.pose_length = m.max_seq_len if pose else 0
     m.doc_mask_token = m.doc_mask_token if m.doc_mask_token >= 0 else _bos_id(data_path)
     reasoning = [
         f"RoPE: {method} ({m.rope.scaling}) with factor {factor:g} over the trained {L} tokens -> context {m.max_seq_len}; "
@@ -138,6 +142,7 @@ def extension_plan(base_run: str | Path, *, factor: float, method: str, steps: i
         *([describe_yarn(m.head_dim, m.rope_base, m.rope)] if method == "yarn" else []),
         f"schedule: {t.warmup_steps} warmup steps, cosine to {t.min_lr_ratio:g} x lr over {steps} steps",
         f"document masking: attention stays inside documents starting with token {m.doc_mask_token} (<|bos|>)",
+        *([f"PoSE: each row's second chunk skips ahead, so rows of {seq_len} train distances up to {m.max_seq_len}"] if pose else []),
     ]
     return ExtensionPlan(cfg.validate(), reasoning)
 
