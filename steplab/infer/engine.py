@@ -47,6 +47,7 @@ from typing import AsyncIterator
 
 import torch
 
+from steplab.infer.decode import DecodeConfig, FixedDecoder
 from steplab.infer.requests import (Completion, ContextLengthError, EngineError, EngineStoppedError, Event,  # noqa: F401
                                     Handle, Logprob, QueueFullError, Request)
 from steplab.infer.sampling import SamplingParams, sample_next
@@ -88,7 +89,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model", max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 512, max_len: int | None = None,
-                 kv_budget_bytes: int | None = None):
+                 kv_budget_bytes: int | None = None, decode: str | DecodeConfig = "eager"):
+        decode_cfg = (decode if isinstance(decode, DecodeConfig) else DecodeConfig(mode=decode)).validate()
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -111,6 +113,10 @@ class Engine:
             max_batch = min(max_batch, fit)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache = KVCache(model.cfg, max_batch, self.context_len, device=self.device, dtype=param.dtype)
+        # decode="static"/"compiled": one fixed-shape step over every slot (steplab/infer/decode.py); "eager": the
+        # model's forward over the running rows only
+        self.decode = decode_cfg.mode
+        self.decoder = FixedDecoder(model, self.cache, decode_cfg) if decode_cfg.mode != "eager" else None
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self._waiting: deque[Handle] = deque()
         self._prefilling: deque[_Prefill] = deque()
@@ -128,6 +134,8 @@ class Engine:
 
     # -- lifecycle
     def start(self) -> "Engine":
+        if self.decoder is not None:
+            self.decoder.warm_up()  # compile before serving: no request waits for it (a no-op once warm)
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._stopping = False
@@ -338,11 +346,20 @@ class Engine:
                 self._accept(seq, logits[0, -1])
         if self._running:
             batch = list(self._running)
-            ids = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
-            slots = torch.tensor([s.slot for s in batch], device=self.device)
-            logits = self.model(ids, cache=self.cache, slots=slots)[:, -1]
-            for row, seq in enumerate(batch):
-                self._accept(seq, logits[row])
+            if self.decoder is None:
+                ids = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
+                slots = torch.tensor([s.slot for s in batch], device=self.device)
+                logits = self.model(ids, cache=self.cache, slots=slots)[:, -1]
+                rows = list(range(len(batch)))
+            else:
+                logits = self.decoder.step([s.slot for s in batch], [s.tokens[-1] for s in batch])
+                rows = [s.slot for s in batch]
+            # greedy rows without penalties: one argmax and one host transfer for all of them instead of one each
+            # (per-row overhead is a visible part of a tiny model's step); argmax ties resolve as in sample_next
+            plain = [i for i, s in enumerate(batch) if _plain_greedy(s)]
+            greedy = dict(zip(plain, logits[[rows[i] for i in plain]].argmax(dim=-1).tolist())) if plain else {}
+            for i, seq in enumerate(batch):
+                self._accept(seq, logits[rows[i]], greedy.get(i))
         self.steps_total += 1
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -350,15 +367,17 @@ class Engine:
         self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
         self.cache.lengths[dst] = length
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of ``seq`` from its logits row (V,), deliver it, finish the sequence if done."""
+    def _accept(self, seq: _Seq, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the next token of ``seq`` from its logits row (V,) (``token``: already chosen greedily), deliver
+        it, finish the sequence if done."""
         req, handle = seq.handle.request, seq.handle
-        if req.presence_penalty or req.frequency_penalty:
-            if seq.counts is None:
-                seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
-            # OpenAI's formula: logit - count * frequency_penalty - (count > 0) * presence_penalty
-            logits = logits.float() - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
-        token = int(sample_next(logits[None], seq.params, seq.generator)[0])
+        if token is None:
+            if req.presence_penalty or req.frequency_penalty:
+                if seq.counts is None:
+                    seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
+                # OpenAI's formula: logit - count * frequency_penalty - (count > 0) * presence_penalty
+                logits = logits.float() - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
+            token = int(sample_next(logits[None], seq.params, seq.generator)[0])
         logprobs = []
         if req.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -440,6 +459,12 @@ class Engine:
             self._prefilling.clear()
             for seq in list(self._running):
                 self._finish(seq, "error", error=message)
+
+
+def _plain_greedy(seq: _Seq) -> bool:
+    """Greedy without penalties: the token is the row's argmax (what sample_next returns at temperature 0)."""
+    req = seq.handle.request
+    return seq.generator is None and not (req.presence_penalty or req.frequency_penalty)
 
 
 def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprob]:
