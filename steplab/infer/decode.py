@@ -165,6 +165,9 @@ class FixedDecoder:
         cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]  # (B, 1, 1, hd)
         keep = active[:, None, None]  # (B, 1, 1): rows whose write is real
         mask = (torch.arange(S, device=ids.device)[None, :] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
+        nkv = m.layers[0].attn.n_kv_head
+        heads = torch.arange(nkv, device=ids.device)[None, :].expand(B, nkv)
+        slot_rows, head_pos = rows[:, None].expand(B, nkv), pos[:, None].expand(B, nkv)
         for i, layer in enumerate(m.layers):
             a = layer.attn
             nh, nkv, hd = a.n_head, a.n_kv_head, a.head_dim
@@ -174,13 +177,14 @@ class FixedDecoder:
             v = v.view(B, 1, nkv, hd).transpose(1, 2)
             c, s = cos.to(q.dtype), sin.to(q.dtype)
             q, k = apply_rope(q, c, s), apply_rope(k, c, s)
-            kl, vl = kc[i], vc[i]  # (B, nkv, max_len, hd) views of the cache: written in place below
-            # An inactive row writes back what its slot already holds at that position: a free slot or one still
-            # prefilling (whose row may be full up to its length) is never changed by someone else's step.
-            old_k, old_v = kl[rows, :, pos], vl[rows, :, pos]  # (B, nkv, hd)
-            kl[rows, :, pos] = torch.where(keep, k[:, :, 0].to(kl.dtype), old_k)
-            vl[rows, :, pos] = torch.where(keep, v[:, :, 0].to(vl.dtype), old_v)
-            keys, values = kl[:, :, :S].to(q.dtype), vl[:, :, :S].to(q.dtype)
+            # The write indexes the whole cache tensor (layer, slot, head, position), not a per-layer view of it:
+            # index_put_ on a graph input is then done in place by inductor, where a write through a view made it
+            # copy every layer's cache twice per step. An inactive row writes back what its slot already holds at
+            # that position, so a free slot or one still prefilling is never changed by someone else's step.
+            at = (torch.full_like(heads, i), slot_rows, heads, head_pos)  # each (B, nkv)
+            kc.index_put_(at, torch.where(keep, k[:, :, 0].to(kc.dtype), kc[at]))
+            vc.index_put_(at, torch.where(keep, v[:, :, 0].to(vc.dtype), vc[at]))
+            keys, values = kc[i, :, :, :S].to(q.dtype), vc[i, :, :, :S].to(q.dtype)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
             x = x + a.wo(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + layer.ffn(layer.ffn_norm(x))
