@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--engine-decode", nargs="+", default=["eager"], choices=["eager", "static", "compiled"],
                     help="engine decode modes to run side by side (default: eager)")
     ap.add_argument("--compile-mode", nargs="+", default=["default"],
-                    help="torch.compile modes for --engine-decode compiled (e.g. default max-autotune-no-cudagraphs)")
+                    help="torch.compile modes for --engine-decode compiled: default, max-autotune-no-cudagraphs, frozen (freezing + max-autotune)")
     ap.add_argument("--min-bucket", type=int, default=DecodeConfig.min_bucket, help="shortest attention bucket")
     ap.add_argument("--no-buckets", action="store_true", help="fixed-shape decode attends over the whole context")
     args = ap.parse_args()

@@ -66,8 +66,9 @@ def test_static_step_logits_match_the_model_and_leave_other_slots_alone(tok):
             model(torch.tensor([[7, 7, 7, 7]]), cache=c, slots=torch.tensor([1]))
         before = cache.k[:, 1].clone(), cache.v[:, 1].clone()
         want = model(torch.tensor([[11], [12]]), cache=ref, slots=torch.tensor([0, 2]))[:, -1]
-        got = FixedDecoder(model, cache, DecodeConfig(mode="static", min_bucket=4)).step([0, 2], [11, 12])
+        got, top = FixedDecoder(model, cache, DecodeConfig(mode="static", min_bucket=4)).step([0, 2], [11, 12])
     torch.testing.assert_close(got[[0, 2]], want, rtol=1e-5, atol=1e-5)
+    assert top[[0, 2]].tolist() == want.argmax(-1).tolist()
     assert cache.lengths.tolist() == ref.lengths.tolist() == [6, 4, 10]
     assert torch.equal(cache.k[:, 1], before[0]) and torch.equal(cache.v[:, 1], before[1])  # the inactive row: untouched
     for s in (0, 2):

@@ -40,9 +40,10 @@ MODES = ("eager", "static", "compiled")
 
 @dataclass
 class DecodeConfig:
-    """How the engine decodes. ``compile_mode`` is torch.compile's mode (bench/decode.py measured "default" vs
-    "max-autotune-no-cudagraphs": docs/benchmarks.md, issue 13 session 12); ``min_bucket`` the shortest attention
-    length; ``buckets=False`` attends over the whole context at every step (one graph)."""
+    """How the engine decodes. ``compile_mode`` is torch.compile's mode, or ``frozen`` (freezing + max-autotune:
+    weights become constants of the graph; bench/decode.py measured them: docs/benchmarks.md, issue 13 session 12);
+    ``min_bucket`` the shortest attention length; ``buckets=False`` attends over the whole context at every step
+    (one graph)."""
 
     mode: str = "eager"
     compile_mode: str = "default"
@@ -103,6 +104,7 @@ class FixedDecoder:
         self.rows = torch.arange(self.n_slots, device=self.device)
         self.buckets = bucket_sizes(self.max_len, cfg.min_bucket, cfg.buckets)
         self.warm = cfg.mode != "compiled"
+        self.explicit_attention = cfg.mode == "compiled"
         self._step = self._forward
         if cfg.mode == "compiled":
             import torch._dynamo as dynamo
@@ -111,7 +113,12 @@ class FixedDecoder:
             # bucket is its own specialisation of this one function, and dynamo's default limit of 8 specialisations
             # per function would silently fall back to eager past it (several engines in one process: bench, tests)
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64, 8 * len(self.buckets))
-            self._step = torch.compile(self._forward, dynamic=False, mode=cfg.compile_mode)
+            if cfg.compile_mode == "frozen":  # weights folded in as constants, GEMMs autotuned (incl. inductor's
+                # own C++ GEMM on prepacked weights): faster steps, slower compile, and new weights need a new
+                # decoder (Engine.load_weights builds one)
+                self._step = torch.compile(self._forward, dynamic=False, options={"freezing": True, "max_autotune": True})
+            else:
+                self._step = torch.compile(self._forward, dynamic=False, mode=cfg.compile_mode)
 
     def bucket(self, n: int) -> int:
         """The shortest bucket holding ``n`` positions."""
@@ -128,7 +135,8 @@ class FixedDecoder:
         with torch.no_grad():
             for S in self.buckets:  # distinct tensors, as step() passes: aliased inputs would be another graph
                 ids, pos = (torch.zeros(self.n_slots, dtype=torch.long, device=self.device) for _ in range(2))
-                self._step(self.cache.k, self.cache.v, ids, pos, torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
+                self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
+                           torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
         self.warm = True
         dt = time.perf_counter() - t
         msg = f"compiled the decode step for {len(self.buckets)} attention length(s) {self.buckets} in {dt:.1f} s"
@@ -137,9 +145,10 @@ class FixedDecoder:
             say(msg)
         return dt
 
-    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Feed ``tokens[i]`` to the sequence in slot ``slots[i]`` at its next position; logits (n_slots, V), row = slot.
-        The cache lengths of ``slots`` advance by one, as ``model(..., cache=...)`` does."""
+    def step(self, slots: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tokens[i]`` to the sequence in slot ``slots[i]`` at its next position; returns the logits
+        (n_slots, V) and their argmax (n_slots,), row = slot. The cache lengths of ``slots`` advance by one, as
+        ``model(..., cache=...)`` does."""
         lengths = self.cache.lengths.tolist()
         need = max(lengths[s] for s in slots) + 1
         if need > min(self.max_len, self.model.cfg.max_seq_len):
@@ -150,13 +159,11 @@ class FixedDecoder:
         # inactive rows "write" at their own length (clamped): the write keeps the old value there (see _forward)
         pos = [min(n, self.max_len - 1) for n in lengths]
         dev = self.device
-        logits = self._step(self.cache.k, self.cache.v, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                            torch.tensor(active, device=dev), self.bucket(need))
-        self.cache.lengths[torch.tensor(slots, device=dev)] += 1
-        return logits
+        return self._step(self.cache.k, self.cache.v, self.cache.lengths, torch.tensor(ids, device=dev),
+                          torch.tensor(pos, device=dev), torch.tensor(active, device=dev), self.bucket(need))
 
-    def _forward(self, kc: torch.Tensor, vc: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, active: torch.Tensor,
-                 S: int) -> torch.Tensor:
+    def _forward(self, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
+                 active: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's decode forward for one token per slot (the same ops as Step1.forward + Attention.forward with
         a cache, so greedy tokens match the eager path); ``S`` is the attention length (a bucket)."""
         m, rows = self.model, self.rows
@@ -185,7 +192,14 @@ class FixedDecoder:
             kc.index_put_(at, torch.where(keep, k[:, :, 0].to(kc.dtype), kc[at]))
             vc.index_put_(at, torch.where(keep, v[:, :, 0].to(vc.dtype), vc[at]))
             keys, values = kc[i, :, :, :S].to(q.dtype), vc[i, :, :, :S].to(q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
+            if self.explicit_attention:  # compiled: inductor fuses these into its own kernels (~8% faster per step
+                # than calling SDPA's CPU kernel from the graph); the query heads of one KV head form a group
+                scores = q.view(B, nkv, nh // nkv, hd) @ keys.transpose(-1, -2) * hd ** -0.5  # (B, nkv, G, S)
+                y = (torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values).view(B, nh, 1, hd)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
             x = x + a.wo(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + layer.ffn(layer.ffn_norm(x))
-        return m.lm_head(m.norm(x))[:, 0]
+        lengths.add_(active.long())  # in the graph: one dispatch fewer per step than an index_put outside it
+        logits = m.lm_head(m.norm(x))[:, 0]
+        return logits, logits.argmax(dim=-1)  # greedy rows need only this (fused here, one host transfer later)

@@ -167,6 +167,10 @@ class Engine:
             if self._waiting or self._prefilling or self._running:
                 raise EngineError(f"engine {self.name!r} is busy; refresh weights only between rollouts")
             self.model.load_state_dict(state_dict)
+            if self.decoder is not None and self.decoder.cfg.compile_mode == "frozen" and self.decoder.cfg.mode == "compiled":
+                # a frozen graph holds the old weights as constants: build and compile a new one
+                self.decoder = FixedDecoder(self.model, self.cache, self.decoder.cfg)
+                self.decoder.warm_up()
 
     def stats(self) -> dict:
         """A consistent snapshot of the queue, the slots and the counters (taken under the engine's lock)."""
@@ -350,16 +354,18 @@ class Engine:
                 ids = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
                 slots = torch.tensor([s.slot for s in batch], device=self.device)
                 logits = self.model(ids, cache=self.cache, slots=slots)[:, -1]
-                rows = list(range(len(batch)))
+                rows, argmax = list(range(len(batch))), None
             else:
-                logits = self.decoder.step([s.slot for s in batch], [s.tokens[-1] for s in batch])
+                logits, argmax = self.decoder.step([s.slot for s in batch], [s.tokens[-1] for s in batch])
                 rows = [s.slot for s in batch]
             # greedy rows without penalties: one argmax and one host transfer for all of them instead of one each
             # (per-row overhead is a visible part of a tiny model's step); argmax ties resolve as in sample_next
-            plain = [i for i, s in enumerate(batch) if _plain_greedy(s)]
-            greedy = dict(zip(plain, logits[[rows[i] for i in plain]].argmax(dim=-1).tolist())) if plain else {}
+            greedy: list[int | None] = [None] * len(batch)
+            if any(_plain_greedy(s) for s in batch):
+                top = (argmax if argmax is not None else logits.argmax(dim=-1)).tolist()
+                greedy = [top[r] if _plain_greedy(s) else None for r, s in zip(rows, batch)]
             for i, seq in enumerate(batch):
-                self._accept(seq, logits[rows[i]], greedy.get(i))
+                self._accept(seq, logits[rows[i]], greedy[i])
         self.steps_total += 1
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
