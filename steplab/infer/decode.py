@@ -116,7 +116,7 @@ class FixedDecoder:
             if cfg.compile_mode == "frozen":  # weights folded in as constants, GEMMs autotuned (incl. inductor's
                 # own C++ GEMM on prepacked weights): faster steps, slower compile, and new weights need a new
                 # decoder (Engine.load_weights builds one)
-                self._step = torch.compile(self._forward, dynamic=False, options={"freezing": True, "max_autotune": True})
+                self._step = torch.compile(self._forward, dynamic=False, mode="max-autotune-no-cudagraphs")
             else:
                 self._step = torch.compile(self._forward, dynamic=False, mode=cfg.compile_mode)
 
@@ -131,12 +131,15 @@ class FixedDecoder:
         """Compile every bucket now (a step with no active row changes nothing); returns the seconds it took."""
         if self.warm:
             return 0.0
+        import torch._inductor.config as inductor_config
+
         t = time.perf_counter()
         with torch.no_grad():
             for S in self.buckets:  # distinct tensors, as step() passes: aliased inputs would be another graph
                 ids, pos = (torch.zeros(self.n_slots, dtype=torch.long, device=self.device) for _ in range(2))
-                self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
-                           torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
+                with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen"):
+                        self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
+                               torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
         self.warm = True
         dt = time.perf_counter() - t
         msg = f"compiled the decode step for {len(self.buckets)} attention length(s) {self.buckets} in {dt:.1f} s"
