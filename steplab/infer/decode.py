@@ -46,7 +46,7 @@ class DecodeConfig:
     (one graph)."""
 
     mode: str = "eager"
-    compile_mode: str = "default"
+    compile_mode: str = "frozen"
     min_bucket: int = 64
     buckets: bool = True
 
