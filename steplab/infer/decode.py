@@ -137,7 +137,10 @@ class FixedDecoder:
         with torch.no_grad():
             for S in self.buckets:  # distinct tensors, as step() passes: aliased inputs would be another graph
                 ids, pos = (torch.zeros(self.n_slots, dtype=torch.long, device=self.device) for _ in range(2))
-                with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen"):
+                # freezing is read when the graph is compiled, i.e. here; 0 choices displayed keeps max-autotune from
+                # writing its timing tables to stderr (a serve start-up would print pages of them)
+                with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen",
+                                           autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False):
                         self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
                                torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
         self.warm = True
