@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,8 @@ class FixedDecoder:
         import torch._inductor.config as inductor_config
 
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inside inductor's autotuner
             for S in self.buckets:  # distinct tensors, as step() passes: aliased inputs would be another graph
                 ids, pos = (torch.zeros(self.n_slots, dtype=torch.long, device=self.device) for _ in range(2))
                 # freezing is read when the graph is compiled, i.e. here; 0 choices displayed keeps max-autotune from
