@@ -143,7 +143,7 @@ class FixedDecoder:
                 # writing its timing tables to stderr (a serve start-up would print pages of them)
                 with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen",
                                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False):
-                        self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
+                    self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
                                torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
         self.warm = True
         dt = time.perf_counter() - t

@@ -13,7 +13,9 @@ One background thread owns the model and a :class:`~steplab.models.common.KVCach
    every choice samples its first token;
 4. decodes: one batched forward of the last token of every running sequence, each row at its own position,
    then per-sequence sampling, stop checks and event delivery. Finished sequences leave the batch at once
-   and their slot is free for the next turn's admissions.
+   and their slot is free for the next turn's admissions. With ``decode="static"`` or ``"compiled"`` that
+   forward is a fixed-shape step over every slot (steplab/infer/decode.py; compiled at :meth:`Engine.start`),
+   and the greedy rows take their tokens from one argmax over the batch.
 
 Sampling is per sequence: its own temperature/top-p/top-k, presence and frequency penalties, logprobs and
 its own ``torch.Generator`` (seeded with ``seed + choice index``), so a seeded request gives the same tokens
