@@ -3,6 +3,7 @@ place cache writes that leave other slots alone, and the mode's validation in En
 from __future__ import annotations
 
 import argparse
+import threading
 
 import pytest
 import torch
@@ -54,6 +55,24 @@ def test_static_step_gives_the_eager_tokens_on_mixed_batches(tok):
         assert run(model, tok, "static", max_batch=5) == eager
     model = tiny_model(tok.vocab_size, 2)  # n = 2 choices share a prompt copied between slots
     assert run(model, tok, "static", max_batch=4, n=2) == run(model, tok, "eager", max_batch=4, n=2)
+
+
+def test_fast_modes_prefill_waiting_prompts_together(tok):
+    model = tiny_model(tok.vocab_size, 4)
+    want = [run_one(model, tok, p, "eager") for p in PROMPTS[:4]]
+    shapes = []
+    hook = model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    gate = threading.Event()
+    try:
+        with Engine(model, tok, max_batch=4, decode="static") as engine:
+            engine.before_step = gate.wait  # the first step waits until every request is queued
+            handles = [engine.submit(Request(prompt=p, max_tokens=12, temperature=0)) for p in PROMPTS[:4]]
+            gate.set()
+            got = [[t for ev in h for t in ev.tokens] for h in handles]
+    finally:
+        hook.remove()
+    assert got == want
+    assert any(b >= 2 and t > 1 for b, t in shapes), shapes  # one padded forward for several prompts
 
 
 def test_static_step_logits_match_the_model_and_leave_other_slots_alone(tok):
