@@ -137,14 +137,13 @@ class FixedDecoder:
         t = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inside inductor's autotuner
-            for S in self.buckets:  # distinct tensors, as step() passes: aliased inputs would be another graph
-                ids, pos = (torch.zeros(self.n_slots, dtype=torch.long, device=self.device) for _ in range(2))
+            for S in self.buckets:
+                rows = torch.zeros(3, self.n_slots, dtype=torch.long, device=self.device)  # no row active
                 # freezing is read when the graph is compiled, i.e. here; 0 choices displayed keeps max-autotune from
                 # writing its timing tables to stderr (a serve start-up would print pages of them)
                 with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen",
                                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False):
-                    self._step(self.cache.k, self.cache.v, self.cache.lengths, ids, pos,
-                               torch.zeros(self.n_slots, dtype=torch.bool, device=self.device), S)
+                    self._step(self.cache.k, self.cache.v, self.cache.lengths, rows, S)
         self.warm = True
         dt = time.perf_counter() - t
         msg = f"compiled the decode step for {len(self.buckets)} attention length(s) {self.buckets} in {dt:.1f} s"
@@ -161,20 +160,21 @@ class FixedDecoder:
         need = max(lengths[s] for s in slots) + 1
         if need > min(self.max_len, self.model.cfg.max_seq_len):
             raise ValueError(f"position {need - 1} exceeds the cache/context length {min(self.max_len, self.model.cfg.max_seq_len)}")
-        ids, active = [0] * self.n_slots, [False] * self.n_slots
+        ids, active = [0] * self.n_slots, [0] * self.n_slots
         for s, t in zip(slots, tokens):
-            ids[s], active[s] = t, True
+            ids[s], active[s] = t, 1
         # inactive rows "write" at their own length (clamped): the write keeps the old value there (see _forward)
         pos = [min(n, self.max_len - 1) for n in lengths]
-        dev = self.device
-        return self._step(self.cache.k, self.cache.v, self.cache.lengths, torch.tensor(ids, device=dev),
-                          torch.tensor(pos, device=dev), torch.tensor(active, device=dev), self.bucket(need))
+        rows = torch.tensor([ids, pos, active], device=self.device)  # one host-to-tensor copy per step, not three
+        return self._step(self.cache.k, self.cache.v, self.cache.lengths, rows, self.bucket(need))
 
-    def _forward(self, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
-                 active: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor, inputs: torch.Tensor,
+                 S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's decode forward for one token per slot (the same ops as Step1.forward + Attention.forward with
-        a cache, so greedy tokens match the eager path); ``S`` is the attention length (a bucket)."""
+        a cache, so greedy tokens match the eager path). ``inputs`` (3, n_slots): token ids, positions, 1 where the
+        row is active; ``S`` is the attention length (a bucket)."""
         m, rows = self.model, self.rows
+        ids, pos, active = inputs[0], inputs[1], inputs[2].bool()
         B = ids.shape[0]
         x = m.tok_emb(ids)[:, None]  # (B, 1, d)
         cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]  # (B, 1, 1, hd)
@@ -208,6 +208,6 @@ class FixedDecoder:
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
             x = x + a.wo(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + layer.ffn(layer.ffn_norm(x))
-        lengths.add_(active.long())  # in the graph: one dispatch fewer per step than an index_put outside it
+        lengths.add_(inputs[2])  # in the graph: one dispatch fewer per step than an index_put outside it
         logits = m.lm_head(m.norm(x))[:, 0]
         return logits, logits.argmax(dim=-1)  # greedy rows need only this (fused here, one host transfer later)
