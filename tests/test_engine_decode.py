@@ -110,6 +110,14 @@ def test_compiled_step_gives_the_eager_tokens(tok):
     assert got == want
 
 
+def test_each_compiled_decoder_traces_its_own_code(tok):
+    # dynamo caches graphs per code object and would hand one decoder's frozen graph (weights as constants) to
+    # another of the same shape, or to the same engine after load_weights: each decoder gets its own copy
+    model = tiny_model(tok.vocab_size)
+    a, b = (Engine(model, tok, decode="compiled").decoder for _ in range(2))  # not started: nothing compiled yet
+    assert not a.warm and a._forward.__func__.__code__ is not b._forward.__func__.__code__
+
+
 def run_one(model, tok, prompt, decode) -> list[int]:
     with Engine(model, tok, max_batch=1, decode=decode) as engine:
         return engine.generate(Request(prompt=prompt, max_tokens=12, temperature=0))[0].tokens

@@ -24,8 +24,10 @@ vision and dynamic-NTK models keep the eager path.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from steplab.models.common import KVCache, apply_rope
 log = logging.getLogger(__name__)
 
 MODES = ("eager", "static", "compiled")
+_DECODERS = itertools.count()  # names each compiled decoder's own copy of _forward
 
 
 @dataclass
@@ -110,10 +113,15 @@ class FixedDecoder:
         if cfg.mode == "compiled":
             import torch._dynamo as dynamo
 
-            # one graph per bucket and per engine (batch size, model): the attention length is a Python int, so each
-            # bucket is its own specialisation of this one function, and dynamo's default limit of 8 specialisations
-            # per function would silently fall back to eager past it (several engines in one process: bench, tests)
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64, 8 * len(self.buckets))
+            # Dynamo keeps its compiled graphs on the function's code object, shared by every decoder, and its guards
+            # do not tell two same-shaped decoders apart: a frozen graph (weights as constants) of one model was
+            # reused for another, and after Engine.load_weights for the new weights (wrong tokens). Each decoder
+            # therefore traces its own copy of the code. One graph per bucket: the attention length is a Python
+            # int, and past dynamo's default limit of 8 specialisations it would silently fall back to eager.
+            forward = types.FunctionType(FixedDecoder._forward.__code__.replace(co_name=f"_forward_{next(_DECODERS)}"),
+                                         FixedDecoder._forward.__globals__)
+            self._forward = types.MethodType(forward, self)
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 8, 2 * len(self.buckets))
             if cfg.compile_mode == "frozen":  # weights folded in as constants, GEMMs autotuned (incl. inductor's
                 # own C++ GEMM on prepacked weights): faster steps, slower compile, and new weights need a new
                 # decoder (Engine.load_weights builds one)
