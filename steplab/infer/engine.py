@@ -169,7 +169,8 @@ class Engine:
             if self._waiting or self._prefilling or self._running:
                 raise EngineError(f"engine {self.name!r} is busy; refresh weights only between rollouts")
             self.model.load_state_dict(state_dict)
-            if self.decoder is not None and self.decoder.cfg.compile_mode == "frozen" and self.decoder.cfg.mode == "compiled":
+            cfg = self.decoder.cfg if self.decoder is not None else None
+            if cfg is not None and cfg.mode == "compiled" and cfg.compile_mode == "frozen":
                 # a frozen graph holds the old weights as constants: build and compile a new one
                 self.decoder = FixedDecoder(self.model, self.cache, self.decoder.cfg)
                 self.decoder.warm_up()
