@@ -292,7 +292,7 @@ def test_cli_serve_dtype_max_len_prefill_chunk(loaded, monkeypatch):
     got = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: got.update(app=app, **kw))
     args = _parser().parse_args(["serve", f"{run}:m", "--no-auth", "--port", "0", "--dtype", "bf16", "--max-len", "64",
-                                 "--prefill-chunk", "16", "--trusted-proxy", "10.0.0.0/8"])
+                                 "--prefill-chunk", "16", "--trusted-proxy", "10.0.0.0/8", "--decode", "eager"])
     assert args.func(args) == 0
     engine = got["app"].state.engines["m"]
     assert (engine.context_len, engine.prefill_chunk) == (64, 16)

@@ -12,6 +12,7 @@ from steplab.cli.core import add_dtype_arg
 from steplab.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DECODE_CHOICES = ["auto", "eager", "static", "compiled"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, help="context per sequence (KV-cache length; default: the model's max_seq_len)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step (default 512)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="decode step: eager (the model's forward), static (one fixed-shape step over every slot), "
+                        "compiled (that step under torch.compile, compiled at start-up, before serving) or auto "
+                        "(default: compiled for dense float models, else eager)")
     add_dtype_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--video-dir", default="steplab-videos", help="video-dit runs: where /v1/videos keeps finished clips")
@@ -111,12 +116,16 @@ def cmd_serve(args) -> int:
                      max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                      max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype,
                      max_chat_request_bytes=args.max_chat_request_bytes, allow_remote_images=args.allow_remote_images,
-                     videos=videos)
+                     videos=videos, decode=args.decode)
     if videos is not None:
         print(f"video models {', '.join(videos.models)}: /v1/videos, files in {videos.directory} "
               f"(cap {videos.max_bytes:,} bytes, expiry {videos.ttl_s} s)")
     for name, engine in app.state.engines.items():
-        print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch})")
+        print(f"model {name}: {models[name]} (context {engine.context_len} tokens, batch {engine.max_batch}, "
+              f"decode {engine.decode}{' from --decode auto' if args.decode == 'auto' else ''})")
+        if engine.decoder is not None and not engine.decoder.warm:  # compile now, not on the first request
+            print(f"model {name}: compiling the decode step ...", flush=True)
+            engine.decoder.warm_up(say=lambda msg, name=name: print(f"model {name}: {msg}", flush=True))
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"chat page {url}/   API {url}/v1   auth: {'OFF (--no-auth)' if keys is None else f'{len(keys)} key(s)'}")
     if keys is None and not _is_loopback(args.host):

@@ -36,8 +36,9 @@ from steplab.serve.schema import openapi_components
 
 
 def load_engine(name: str, spec: Any, *, device: str = "cpu", dtype: str | None = None, max_batch: int = 8, max_queue: int = 64,
-                prefill_chunk: int = 512, max_len: int | None = None) -> Engine:
-    """An Engine from a run directory, a ``(model, tokenizer)`` pair, or an Engine (returned as is)."""
+                prefill_chunk: int = 512, max_len: int | None = None, decode: str = "eager") -> Engine:
+    """An Engine from a run directory, a ``(model, tokenizer)`` pair, or an Engine (returned as is).
+    ``decode``: eager | static | compiled, or auto (compiled for a dense float model, else eager: infer/decode.py)."""
     if isinstance(spec, Engine):
         return spec
     if isinstance(spec, tuple):
@@ -50,15 +51,20 @@ def load_engine(name: str, spec: Any, *, device: str = "cpu", dtype: str | None 
         from steplab.infer.prompts import torch_dtype
 
         model = model.to(torch_dtype(dtype))
+    if decode == "auto":
+        from steplab.infer.decode import auto_mode
+
+        decode = auto_mode(model)
     return Engine(model, tokenizer, name=name, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                  max_len=max_len)
+                  max_len=max_len, decode=decode)
 
 
 def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit: str | list | None = None,
                auth_failure_limit: str | None = AUTH_FAILURE_LIMIT, trusted_proxies: list[str] | None = None,
                max_request_bytes: int = 1_000_000, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
                max_len: int | None = None, device: str = "cpu", dtype: str | None = None,
-               max_chat_request_bytes: int | None = None, allow_remote_images: bool = False, videos=None) -> FastAPI:
+               max_chat_request_bytes: int | None = None, allow_remote_images: bool = False, videos=None,
+               decode: str = "eager") -> FastAPI:
     """The API over ``models``: name -> run directory, ``Engine``, or ``(model, tokenizer)``.
 
     ``api_keys=None`` turns authentication off (the caller must say so; an empty set is refused).
@@ -70,12 +76,13 @@ def create_app(models: dict[str, Any], *, api_keys: set[str] | None, rate_limit:
     served model reads images, else the same limit).
     ``allow_remote_images``: fetch http(s) image URLs (default: refuse them with a 400). Engines built here are started with the app and stopped with it; engines passed in
     are started if needed and left running. ``videos``: a serve/video_jobs.VideoService for ``/v1/videos``.
+    ``decode``: how engines built here decode (``load_engine``).
     """
     if not models and videos is None:
         raise ValueError("create_app needs at least one model")
     owned = {name for name, spec in models.items() if not isinstance(spec, Engine)}
     engines = {name: load_engine(name, spec, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
-                                 prefill_chunk=prefill_chunk, max_len=max_len)
+                                 prefill_chunk=prefill_chunk, max_len=max_len, decode=decode)
                for name, spec in models.items()}
     metrics = Metrics(engines)
     st = ServeState(engines=engines, metrics=metrics, created=int(time.time()),
