@@ -19,6 +19,8 @@ earlier attempt slower than eager). Attention reads a prefix of the cache whose 
 (a power of two from ``DecodeConfig.min_bucket``, capped at the context) holding every active row's position,
 with a per-row length mask, so a short conversation does not attend over the whole context.
 
+:func:`prefill_together` is the prefill side of the same modes: waiting prompts in one padded forward.
+
 Only the dense Step-1 family with static RoPE runs here (``unsupported_reason`` says why not otherwise); MoE,
 vision and dynamic-NTK models keep the eager path.
 """
@@ -219,3 +221,42 @@ class FixedDecoder:
         lengths.add_(inputs[2])  # in the graph: one dispatch fewer per step than an index_put outside it
         logits = m.lm_head(m.norm(x))[:, 0]
         return logits, logits.argmax(dim=-1)  # greedy rows need only this (fused here, one host transfer later)
+
+
+def prefill_together(engine, budget: int) -> int:
+    """Prefill the whole prompts at the head of ``engine``'s queue (two or more, within ``budget`` tokens
+    padded) in one right-padded forward, each into its first slot; returns the padded tokens used. Only for the
+    fixed-shape decode modes (the engine calls it, like scoring.score_step, before its one-request prefill):
+    eight 16-token prompts were 10% of a batch-8 run of a 0.9M model when prefilled one by one,
+    and the eager mode keeps its one-request prefill (bit-identical to an unbatched engine). The padding's
+    keys and values lie past each row's length: masked, then overwritten by its decoding."""
+    from steplab.infer.scoring import _padded, pads_safely
+
+    group, width = [], 0
+    for pre in engine._prefilling:
+        req = pre.handle.request
+        w = max(width, len(req.prompt))
+        if (pre.pos or req.continuations or req.images is not None or req.prompt_logprobs is not None
+                or w * (len(group) + 1) > budget or not pads_safely(engine, w)):
+            break
+        group.append(pre)
+        width = w
+    if len(group) < 2:
+        return 0
+    prompts = [pre.handle.request.prompt for pre in group]
+    first = [pre.seqs[0].slot for pre in group]
+    slots = torch.tensor(first, device=engine.device)
+    logits = engine.model(_padded(prompts, engine.device), cache=engine.cache, slots=slots)
+    engine.cache.lengths[slots] = torch.tensor([len(p) for p in prompts], device=engine.device)
+    with engine._cond:  # one move, so stats() never sees the sequences in neither container
+        for pre in group:
+            engine._prefilling.remove(pre)
+            engine._running.extend(pre.seqs)
+            engine.prompt_tokens_total += len(pre.handle.request.prompt)
+    for row, pre in enumerate(group):
+        n = len(prompts[row])
+        for seq in pre.seqs[1:]:  # n > 1: share the computed prompt
+            engine._copy_slot(first[row], seq.slot, n)
+        for seq in pre.seqs:
+            engine._accept(seq, logits[row, n - 1])
+    return width * len(group)

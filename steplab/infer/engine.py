@@ -49,7 +49,7 @@ from typing import AsyncIterator
 
 import torch
 
-from steplab.infer.decode import DecodeConfig, FixedDecoder
+from steplab.infer.decode import DecodeConfig, FixedDecoder, prefill_together
 from steplab.infer.requests import (Completion, ContextLengthError, EngineError, EngineStoppedError, Event,  # noqa: F401
                                     Handle, Logprob, QueueFullError, Request)
 from steplab.infer.sampling import SamplingParams, sample_next
@@ -313,7 +313,7 @@ class Engine:
 
         budget = self.prefill_chunk - score_step(self, self.prefill_chunk)  # score-only requests, batched
         if self.decoder is not None:  # the fast decode modes also prefill whole prompts together
-            budget -= self._prefill_together(budget)
+            budget -= prefill_together(self, budget)
         while self._prefilling and budget > 0:
             pre = self._prefilling[0]
             if pre.handle.request.continuations:
@@ -372,42 +372,6 @@ class Engine:
             for i, seq in enumerate(batch):
                 self._accept(seq, logits[rows[i]], greedy[i])
         self.steps_total += 1
-
-    def _prefill_together(self, budget: int) -> int:
-        """Prefill the whole prompts at the head of the queue (two or more, within ``budget`` tokens padded) in one
-        right-padded forward, each into its first slot; returns the padded tokens used. Only for the fixed-shape
-        decode modes: eight 16-token prompts were 10% of a batch-8 run of a 0.9M model when prefilled one by one,
-        and the eager mode keeps its one-request prefill (bit-identical to an unbatched engine). The padding's
-        keys and values lie past each row's length: masked, then overwritten by its decoding."""
-        from steplab.infer.scoring import _padded, pads_safely
-
-        group, width = [], 0
-        for pre in self._prefilling:
-            req = pre.handle.request
-            w = max(width, len(req.prompt))
-            if (pre.pos or req.continuations or req.images is not None or req.prompt_logprobs is not None
-                    or w * (len(group) + 1) > budget or not pads_safely(self, w)):
-                break
-            group.append(pre)
-            width = w
-        if len(group) < 2:
-            return 0
-        prompts = [pre.handle.request.prompt for pre in group]
-        first = [pre.seqs[0].slot for pre in group]
-        logits = self.model(_padded(prompts, self.device), cache=self.cache, slots=torch.tensor(first, device=self.device))
-        self.cache.lengths[torch.tensor(first, device=self.device)] = torch.tensor([len(p) for p in prompts], device=self.device)
-        with self._cond:  # one move, so stats() never sees the sequences in neither container
-            for pre in group:
-                self._prefilling.remove(pre)
-                self._running.extend(pre.seqs)
-                self.prompt_tokens_total += len(pre.handle.request.prompt)
-        for row, pre in enumerate(group):
-            n = len(prompts[row])
-            for seq in pre.seqs[1:]:  # n > 1: share the computed prompt
-                self._copy_slot(first[row], seq.slot, n)
-            for seq in pre.seqs:
-                self._accept(seq, logits[row, n - 1])
-        return width * len(group)
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
