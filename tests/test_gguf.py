@@ -99,32 +99,25 @@ def test_refusals_name_the_tensor_and_the_rule(tiny_data, tmp_path):
         export_gguf(moe, tmp_path / "m.gguf", "f16")
 
 
-def test_edge_preset_dims_are_multiples_of_256():
-    from steplab.config import preset
+def test_scaled_rope_is_written_for_pi_and_refused_for_yarn(tiny_run, tiny_data, tmp_path):
+    """An extended run's RoPE scaling must reach llama.cpp: linear (PI) is written, the others are refused rather
+    than exported as plain RoPE (which would rotate every position past the trained length wrongly)."""
+    import json
 
-    m = preset("step1-edge").model
-    m.vocab_size = 4096
-    assert all(d % 256 == 0 for d in (m.d_model, m.d_ff, m.n_head * m.head_dim, m.n_kv_head * m.head_dim, m.vocab_size))
+    from steplab.cli import main
 
+    pi, yarn = tmp_path / "pi", tmp_path / "yarn"
+    for out, method in ((pi, "pi"), (yarn, "yarn")):
+        assert main(["extend", str(tiny_run), "--factor", "2", "--method", method, "--steps", "1", "--out", str(out),
+                     "--data", str(tiny_data), "--memory", "", "--quiet"]) == 0
+    export_gguf(pi, tmp_path / "pi.gguf", "f16")
+    meta = read_gguf(tmp_path / "pi.gguf")[1]
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 2.0
+    trained = json.loads((tiny_run / "config.json").read_text())["model"]["max_seq_len"]
+    assert meta["llama.rope.scaling.original_context_length"] == trained
+    export_gguf(tiny_run, tmp_path / "plain.gguf", "f16")
+    assert read_gguf(tmp_path / "plain.gguf")[1]["llama.rope.scaling.type"] == "none"
+    with pytest.raises(ConfigError, match="model.rope.scaling=yarn.*steplab export hf"):
+        export_gguf(yarn, tmp_path / "yarn.gguf", "f16")
+    assert not (tmp_path / "yarn.gguf").exists()
 
-@pytest.mark.slow
-def test_llama_cpp_greedy_tokens_match_ours(tiny_run, tmp_path):
-    """Load the f32 file in llama.cpp and compare 32 greedy tokens with our KV-cached decoding (argmax ties aside)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from "
-                                                        "source: pip install llama-cpp-python)")
-    from steplab.infer.sampling import SamplingParams, generate
-    from steplab.train.checkpoint import load_run
-
-    path = tmp_path / "m.gguf"
-    export_gguf(tiny_run, path, "f32")
-    _, model, tok, _ = load_run(tiny_run)
-    prompt = [tok.bos_id] + tok.encode("def main(args):\n    ")
-    ours = generate(model, [prompt], SamplingParams(max_new_tokens=32, temperature=0.0))[0]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=False)
-    theirs = []
-    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        theirs.append(t)
-        if len(theirs) == 32:
-            break
-    assert llm.tokenize("def main(args):\n    ".encode(), add_bos=True, special=False) == prompt  # same tokenizer
-    assert theirs == ours

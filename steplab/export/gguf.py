@@ -183,6 +183,11 @@ def export_gguf(run_dir, out_path, kind: str = "f16", *, checkpoint=None) -> dic
     if m.moe.n_experts > 0:
         raise ConfigError(f"{run_dir} is a Step-2 MoE run: llama.cpp has no architecture that routes like it (balancing "
                           f"bias in top-k, shared experts, dense first layers); use `steplab export hf` instead")
+    if m.rope.scaling not in ("none", "linear"):
+        raise ConfigError(f"{run_dir} uses model.rope.scaling={m.rope.scaling}: only plain RoPE and linear position interpolation "
+                          "are written to GGUF (llama.cpp's reading of the yarn/dynamic/llama3 keys is not verified against "
+                          "our forward here, and a silently wrong rotation would corrupt every long prompt); use "
+                          "`steplab export hf` for this run")
     tensors = gguf_tensors(model.state_dict(), m)
     check_shapes(tensors, kind)
     out = Path(out_path)
@@ -200,7 +205,12 @@ def export_gguf(run_dir, out_path, kind: str = "f16", *, checkpoint=None) -> dic
     w.add_value_length(m.head_dim)
     w.add_rope_dimension_count(m.head_dim)
     w.add_rope_freq_base(m.rope_base)
-    w.add_rope_scaling_type(g.RopeScalingType.NONE)  # plain RoPE (context variants change only the base)
+    if m.rope.scaling == "linear":  # position interpolation: llama.cpp scales positions by 1/factor, as we do
+        w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(m.rope.factor)
+        w.add_rope_scaling_orig_ctx_len(m.rope.original_max_seq_len)
+    else:
+        w.add_rope_scaling_type(g.RopeScalingType.NONE)  # plain RoPE (the -8k/-32k presets change only the base)
     w.add_layer_norm_rms_eps(m.norm_eps)
     w.add_vocab_size(m.vocab_size)
     w.add_file_type(_file_type(kind))
@@ -239,10 +249,14 @@ def read_gguf(path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         a = g.quants.dequantize(np.asarray(t.data), t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.asarray(a, dtype=np.float32).reshape(shape).copy())
     meta: dict[str, object] = {"type": kinds.pop() if len(kinds) == 1 else "mixed"}
-    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count", "llama.rope.freq_base"):
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count", "llama.rope.freq_base",
+                "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length"):
         f = reader.fields.get(key)
         if f is not None:
             meta[key] = f.parts[f.data[0]].tolist()[0]
+    f = reader.fields.get("llama.rope.scaling.type")
+    if f is not None:
+        meta["llama.rope.scaling.type"] = bytes(f.parts[f.data[0]]).decode()
     return tensors, meta
 
 
