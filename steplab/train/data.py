@@ -109,6 +109,7 @@ class TokenData:
         from the loader's state before the batch, so a resumed run draws the same ones."""
         if not self.pose_length:
             return self.loader.next_batch()
+        # the last word keeps this stream apart from the loader's own default_rng([seed, epoch]) window order
         rng = np.random.default_rng([self.loader.seed, self.loader.epoch, self.loader.position, 0x905E])
         x, y = self.loader.next_batch()
         return x, y, skip_positions(x.shape[0], self.seq_len, self.pose_length, rng).to(x.device)
