@@ -121,3 +121,33 @@ def test_scaled_rope_is_written_for_pi_and_refused_for_yarn(tiny_run, tiny_data,
         export_gguf(yarn, tmp_path / "yarn.gguf", "f16")
     assert not (tmp_path / "yarn.gguf").exists()
 
+
+def test_edge_preset_dims_are_multiples_of_256():
+    from steplab.config import preset
+
+    m = preset("step1-edge").model
+    m.vocab_size = 4096
+    assert all(d % 256 == 0 for d in (m.d_model, m.d_ff, m.n_head * m.head_dim, m.n_kv_head * m.head_dim, m.vocab_size))
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_tokens_match_ours(tiny_run, tmp_path):
+    """Load the f32 file in llama.cpp and compare 32 greedy tokens with our KV-cached decoding (argmax ties aside)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from "
+                                                        "source: pip install llama-cpp-python)")
+    from steplab.infer.sampling import SamplingParams, generate
+    from steplab.train.checkpoint import load_run
+
+    path = tmp_path / "m.gguf"
+    export_gguf(tiny_run, path, "f32")
+    _, model, tok, _ = load_run(tiny_run)
+    prompt = [tok.bos_id] + tok.encode("def main(args):\n    ")
+    ours = generate(model, [prompt], SamplingParams(max_new_tokens=32, temperature=0.0))[0]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=False)
+    theirs = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        theirs.append(t)
+        if len(theirs) == 32:
+            break
+    assert llm.tokenize("def main(args):\n    ".encode(), add_bos=True, special=False) == prompt  # same tokenizer
+    assert theirs == ours
