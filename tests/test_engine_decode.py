@@ -32,6 +32,11 @@ def tiny_model(vocab: int, seed: int = 0, **kw) -> Step1:
     return Step1(ModelConfig(**{**cfg, **kw})).eval()
 
 
+def tiny_moe(vocab: int) -> Step2:
+    return Step2(ModelConfig(vocab_size=vocab, d_model=32, n_layer=1, n_head=2, max_seq_len=32,
+                             moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))).eval()
+
+
 def run(model, tok, decode, max_batch=3, n=1) -> list[list[int]]:
     with Engine(model, tok, max_batch=max_batch, decode=decode) as engine:
         handles = [engine.submit(Request(prompt=p, max_tokens=m, temperature=0, n=n)) for p, m in zip(PROMPTS, MAX_TOKENS)]
@@ -128,8 +133,7 @@ def test_modes_are_validated_and_auto_picks_per_model(tok):
     assert bucket_sizes(64, 8) == [8, 16, 32, 64] and bucket_sizes(80, 64) == [64, 80] and bucket_sizes(80, 64, False) == [80]
     with pytest.raises(ValueError, match="not one of eager, static, compiled"):
         Engine(dense, tok, decode="fast")
-    moe = Step2(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=1, n_head=2, max_seq_len=32,
-                            moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))).eval()
+    moe = tiny_moe(tok.vocab_size)
     with pytest.raises(ValueError, match="not the dense Step-1 decoder.*decode='eager'"):
         Engine(moe, tok, decode="static")
     dynamic = tiny_model(tok.vocab_size, rope=RopeConfig(scaling="dynamic", factor=2.0))
@@ -152,6 +156,5 @@ def test_serve_decode_flag(tok, capsys):
     assert "invalid choice: 'fast'" in capsys.readouterr().err
     dense = tiny_model(tok.vocab_size)
     assert load_engine("m", (dense, tok), decode="static").decode == "static"
-    moe = Step2(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=1, n_head=2, max_seq_len=32,
-                            moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))).eval()
+    moe = tiny_moe(tok.vocab_size)
     assert load_engine("m", (moe, tok), decode="auto").decode == "eager"

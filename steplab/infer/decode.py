@@ -147,12 +147,12 @@ class FixedDecoder:
         t = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inside inductor's autotuner
-            for S in self.buckets:
-                rows = torch.zeros(3, self.n_slots, dtype=torch.long, device=self.device)  # no row active
-                # freezing is read when the graph is compiled, i.e. here; 0 choices displayed keeps max-autotune from
-                # writing its timing tables to stderr (a serve start-up would print pages of them)
-                with inductor_config.patch(freezing=self.cfg.mode == "compiled" and self.cfg.compile_mode == "frozen",
-                                           autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False):
+            rows = torch.zeros(3, self.n_slots, dtype=torch.long, device=self.device)  # no row active
+            # freezing is read when the graph is compiled, i.e. here (only compiled decoders are not warm); 0 choices
+            # displayed keeps max-autotune from writing its timing tables to stderr (pages of them at serve start-up)
+            with inductor_config.patch(freezing=self.cfg.compile_mode == "frozen", autotune_num_choices_displayed=0,
+                                       max_autotune_report_choices_stats=False):
+                for S in self.buckets:
                     self._step(self.cache.k, self.cache.v, self.cache.lengths, rows, S)
         self.warm = True
         dt = time.perf_counter() - t
