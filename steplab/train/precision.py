@@ -1,9 +1,9 @@
 """Which compute dtype a run trains in: ``train.dtype`` = bf16 | fp32 | auto.
 
 bf16 autocast pays only where the hardware multiplies bf16 natively. On a CPU with AMX or AVX512-BF16 bf16 matmuls
-run ~2x the fp32 rate, but on an AVX2-only CPU (many laptops, AMD EPYC before Zen 4) torch falls back to a
-scalar path: measured on a 2-core AVX2 EPYC on 2026-12-02, a 2048^2 bf16 matmul ran at 0.8 GFLOP/s against
-59 GFLOP/s in fp32, and a step1-nano-sized linear under autocast 5.5x slower than in fp32 (docs/LOG.md).
+outrun fp32, but on an AVX2-only CPU (many laptops; AMD EPYC before Zen 4) torch emulates them: on a 2-core AVX2
+EPYC (2026-12-02, ``bench/dtype_step.py``) a 1024^2 bf16 matmul ran at 0.8 GFLOP/s against 53 GFLOP/s in fp32,
+and the quickstart's trainer steps were 3.9x (33k) to 10.1x (0.9M) slower under bf16 autocast than in fp32.
 ``auto`` therefore picks bf16 on a CUDA device that supports it and on a CPU with native bf16, fp32 elsewhere.
 
 As with ``train.compile``, the resolved value is written into the run's config.json, and a resumed run keeps the
