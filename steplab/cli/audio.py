@@ -30,6 +30,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", type=int, default=8,
                    help="speech: extra speed-perturbed, time-shifted ASR renderings per training clip (default 8, "
                         "the measured recipe; 0: off)")
+    g.add_argument("--warp", type=float, default=0.0,
+                   help="speech: also shift the augmented renderings' frequencies (pitch and formants, duration kept) "
+                        "by a factor in [1/(1+W), 1+W] (default 0: off)")
     g.add_argument("--tts-real-only", action="store_true",
                    help="speech: TTS documents only from recorded speech, none from espeak-ng voices (ASR keeps all)")
     g.add_argument("--speech-dev", action="store_true",
@@ -85,7 +88,8 @@ def cmd_prepare_speech(args) -> int:
         train, val = dev_split(train)
     meta = prepare_speech_data(train, val, args.speech_tokenizer, args.out, text_tokenizer=args.tokenizer,
                                seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force,
-                               augment=args.augment, tts_real_only=args.tts_real_only)
+                               augment=args.augment, tts_real_only=args.tts_real_only,
+                               warp=args.warp)
     for split in ("train", "val"):
         s = meta[split]
         print(f"{split}: {s['clips']:,} clips, {s['documents']:,} documents, {s['tokens']:,} tokens")
