@@ -183,7 +183,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    dtype: str = "auto"  # auto | bf16 (autocast, fp32 master weights) | fp32; auto: bf16 where native (train/precision.py)
     compile: str = "auto"  # auto | true | false; auto: torch.compile when the run repays it (train/compile.py)
     eval_every: int = 50
     eval_batches: int = 8
@@ -349,7 +349,7 @@ RANGES: dict[str, Range] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.moe.score": ("softmax", "sigmoid"), "model.rope.scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
-    "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
+    "train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("auto", "bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"), "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("auto", "none", "ddp", "fsdp"), "train.compile": ("auto", "true", "false"), "model.video.source": ("digits", "mnist"),
     "model.vision.image_place": ("start", "end"),

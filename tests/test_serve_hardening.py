@@ -307,7 +307,11 @@ def test_cli_serve_dtype_max_len_prefill_chunk(loaded, monkeypatch):
         args = _parser().parse_args(["serve", f"{run}:m", "--no-auth", "--port", "0", *bad])
         with pytest.raises(ConfigError):
             args.func(args)
-    assert _parser().parse_args(["chat", str(run)]).dtype == "bf16"
+    assert _parser().parse_args(["chat", str(run)]).dtype == "auto"
+    from steplab.cli.core import inference_dtype
+    from steplab.train.precision import native_bf16
+    assert inference_dtype("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert inference_dtype("fp32", "cpu") == "fp32" and inference_dtype("bf16", "cpu") == "bf16"
 
 
 def test_cli_sample_and_eval_take_dtype(loaded, capsys):

@@ -1,4 +1,5 @@
-"""Issue 13's faster training paths: fp32 attention under CPU bf16 autocast, and the train.compile=auto choice."""
+"""Issue 13's faster training paths: fp32 attention under CPU bf16 autocast, and the train.compile=auto and
+train.dtype=auto choices."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from steplab.errors import ConfigError
 from steplab.models.common import Attention, apply_rope
 from steplab.models.rope import rope_tables
 from steplab.train.compile import COMPILE_MIN_STEPS, c_compiler, resolve_compile
+from steplab.train.precision import native_bf16, resolve_dtype
 from steplab.train.trainer import train
 
 
@@ -95,3 +97,36 @@ def test_compile_choice_is_printed_and_recorded_in_config_and_summary(tiny_data,
     assert summary["compiled"] is False
     # resuming with the default (auto) again is not a config change
     train(resolve(overrides=tiny_overrides(tiny_data, steps=2, **{"train.ckpt_every": 2})), tmp_path / "run", resume=True, progress=False)
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, tmp_path):
+    for amx, avx512_bf16, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert native_bf16("cpu") is (want == "bf16")
+        dtype, why = resolve_dtype("auto", "cpu")
+        assert dtype == want and why.startswith("auto: this cpu")
+    assert resolve_dtype("bf16", "cpu") == ("bf16", "train.dtype=bf16")  # an explicit choice is kept (still emulated)
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"train": {"dtype": "bf16"}}))  # a run started on an AMX machine resumes in bf16 here
+    assert resolve_dtype("auto", "cpu", saved) == ("bf16", "auto: as this run chose when it started (train.dtype=bf16)")
+    assert resolve_dtype("auto", "mps")[0] == "fp32"
+    with pytest.raises(ConfigError, match="train.dtype='fp16' is not one of auto, bf16, fp32"):
+        check_ranges(RunConfig.from_dict({"train": {"dtype": "fp16"}}))
+
+
+def test_dtype_choice_is_printed_and_recorded_and_a_resume_keeps_it(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    cfg = resolve(overrides=tiny_overrides(tiny_data, steps=2, **{"train.ckpt_every": 2}))
+    assert cfg.train.dtype == "auto"
+    train(cfg, tmp_path / "run", progress=True)
+    assert "fp32 (auto: this cpu has no native bf16 matmul" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == "fp32"
+    # the same run resumed on a machine with native bf16 keeps fp32: the same run trains the same bits
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    summary = train(resolve(overrides=tiny_overrides(tiny_data, steps=4, **{"train.ckpt_every": 2})), tmp_path / "run",
+                    resume=True, progress=True, allow_config_change=True)
+    assert "fp32 (auto: as this run chose when it started (train.dtype=fp32))" in capsys.readouterr().out
+    assert summary["steps"] == 4 and summary["dtype"] == "fp32"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == "fp32"

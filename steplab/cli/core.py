@@ -5,17 +5,29 @@ import argparse
 import json
 import time
 
-# Inference dtype of sample/chat/eval/serve (weights and KV cache; eval: autocast). bf16 by measurement: on this
-# CPU (AMX-BF16) KV-cached decoding of step1-mini ran 1.09x (batch 1) and 1.50x (batch 8) the fp32 speed
-# (bench/decode_dtype.py, docs/benchmarks.md "issue 10"). Pass --dtype fp32 on CPUs without native bf16, or for
-# bit-exact comparisons (the KV cache equals recomputation exactly only in fp32).
-DTYPES = ("bf16", "fp32")
-DEFAULT_DTYPE = "bf16"
+# Inference dtype of sample/chat/serve (weights and KV cache). auto = bf16 where the device multiplies bf16 natively
+# (train/precision.py), by measurement: on an AMX-BF16 CPU KV-cached decoding of step1-mini ran 1.09x (batch 1) and
+# 1.50x (batch 8) the fp32 speed (bench/decode_dtype.py, docs/benchmarks.md "issue 10"), while an AVX2-only CPU
+# emulates bf16 matmuls ~70x slower than fp32. Pass --dtype fp32 for bit-exact comparisons (the KV cache equals
+# recomputation exactly only in fp32).
+DTYPES = ("auto", "bf16", "fp32")
+DEFAULT_DTYPE = "auto"
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
-                   help=f"weights and KV cache dtype for inference (default {DEFAULT_DTYPE}: measured faster here; see docs/serving.md)")
+                   help="weights and KV cache dtype for inference (default auto: bf16 where the device has native bf16 "
+                        "matmuls, else fp32; see docs/serving.md)")
+
+
+def inference_dtype(name: str, device) -> str:
+    """``--dtype`` resolved for ``device``: auto -> bf16 | fp32 (``steplab.train.precision.native_bf16``)."""
+    if name != "auto":
+        return name
+    import torch
+
+    from steplab.train.precision import native_bf16
+    return "bf16" if native_bf16(torch.device(device).type) else "fp32"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -162,8 +174,9 @@ def cmd_sample(args) -> int:
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
-    cfg, model, tokenizer, _ = load_run(args.run, device=resolve_device("auto"))
-    model = model.to(torch_dtype(args.dtype))
+    device = resolve_device("auto")
+    cfg, model, tokenizer, _ = load_run(args.run, device=device)
+    model = model.to(torch_dtype(inference_dtype(args.dtype, device)))
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)  # plain text: marker strings stay text
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)

@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from steplab.cli.core import add_dtype_arg
+from steplab.cli.core import add_dtype_arg, inference_dtype
 from steplab.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -111,10 +111,11 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"--trusted-proxy {proxy!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8)") from None
     _check_port(args.host, args.port)
     videos = _video_service(models, args)
+    device = resolve_device(args.device)
     app = create_app(models, api_keys=keys, rate_limit=args.rate_limit, auth_failure_limit=failure_limit,
                      trusted_proxies=args.trusted_proxy or None, max_request_bytes=args.max_request_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                     max_len=args.max_len, device=resolve_device(args.device), dtype=args.dtype,
+                     max_len=args.max_len, device=device, dtype=inference_dtype(args.dtype, device),
                      max_chat_request_bytes=args.max_chat_request_bytes, allow_remote_images=args.allow_remote_images,
                      videos=videos, decode=args.decode)
     if videos is not None:
@@ -160,8 +161,9 @@ def cmd_chat(args, input_fn=input) -> int:
     from steplab.train.checkpoint import load_run
     from steplab.train.trainer import resolve_device
 
-    _, model, tokenizer, step = load_run(args.run, device=resolve_device(args.device))
-    model = model.to(torch_dtype(args.dtype))
+    device = resolve_device(args.device)
+    _, model, tokenizer, step = load_run(args.run, device=device)
+    model = model.to(torch_dtype(inference_dtype(args.dtype, device)))
     engine = Engine(model, tokenizer, name=Path(args.run).name, max_batch=1, max_queue=1).start()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []

@@ -24,6 +24,7 @@ from steplab.models import build_model, count_params, flops_per_token
 from steplab.train.distributed import (barrier, grad_sync, init_distributed, mean_across_ranks, sync_step_stats,
                                        uses_autocast, wrap_model)
 from steplab.train.compile import resolve_compile
+from steplab.train.precision import resolve_dtype
 from steplab.train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from steplab.train.data import build_train_data, evaluate_run
 from steplab.train.metrics import MetricsLog, peak_flops, plot_loss_curve, read_jsonl
@@ -171,10 +172,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size={tc.batch_size} does not split over {info.world_size} processes; use a multiple")
     # auto -> true/false, written into config.json; every rank resolves alike (config and run dir only)
-    compiled, why = resolve_compile(cfg, device_type, run_dir / "config.json" if resume else None)
+    saved = run_dir / "config.json" if resume else None
+    compiled, why = resolve_compile(cfg, device_type, saved)
     cfg.train.compile = "true" if compiled else "false"
+    cfg.train.dtype, why_dtype = resolve_dtype(tc.dtype, device_type, saved)
     if progress and info.is_main:
-        print(f"{run_dir.name}: torch.compile {'on' if compiled else 'off'} ({why})")
+        print(f"{run_dir.name}: torch.compile {'on' if compiled else 'off'} ({why}); {cfg.train.dtype} ({why_dtype})")
     changes = {}
     if info.is_main:
         changes = prepare_run_dir(cfg, run_dir, data.tokenizer_dir, resume, allow_config_change)
@@ -325,7 +328,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, params, flops, last_eval, train
         **last_eval,
         "train_seconds": train_seconds, "tok_per_s": tok_s, "mfu": flops["model"] * tok_s / peak,
         "peak_flops": peak, "skipped_steps": skipped, "threads": torch.get_num_threads(),
-        "compiled": cfg.train.compile == "true",
+        "compiled": cfg.train.compile == "true", "dtype": cfg.train.dtype,
         "init_from": cfg.train.init_from, "init_step": init_step, "trained_tokens": trained,
         "C_trained": flops["6N"] * trained,  # FLOPs this run spent itself (a branch: its decay only)
     }
