@@ -214,3 +214,15 @@ def test_prepare_warp_needs_augment_and_changes_only_the_augmented_documents(tmp
     assert read("d0", "val") == read("d1", "val") and read("d0", "train") != read("d1", "train")
     with pytest.raises(DataError, match="needs augment > 0"):
         prepare_speech_data(clips[:6], clips[6:], tmp_path / "tok", tmp_path / "d2", warp=0.2, seq_len=128)
+
+
+def test_augmented_renders_every_clip_n_times_seeded():
+    from steplab.data.speech import augmented
+
+    clips = [Clip(_chirp(0.3, seed=i), "one", "s", i, f"c{i}") for i in range(3)]
+    a, b = augmented(clips, 2, warp=0.1), augmented(clips, 2, warp=0.1)
+    assert [c.name.split("~")[0] for c in a] == ["c0", "c0", "c1", "c1", "c2", "c2"]
+    assert all(np.array_equal(x.wav, y.wav) for x, y in zip(a, b)) and "~f" in a[0].name
+    assert augmented(clips, 0) == []
+    with pytest.raises(DataError, match="warp needs augment > 0"):
+        augmented(clips, 0, warp=0.1)

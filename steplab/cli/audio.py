@@ -20,6 +20,10 @@ def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec-dim", type=int, default=128, help="acoustic autoencoder conv channels")
     g.add_argument("--codec-latent", type=int, default=32, help="acoustic autoencoder quantised vector size")
     g.add_argument("--holdout-speaker", help="leave this speaker out (its clips are the test set)")
+    g.add_argument("--tok-augment", type=int, default=0, metavar="N",
+                   help="also fit both streams on N perturbed renderings of every training clip (default 0: off)")
+    g.add_argument("--tok-warp", type=float, default=0.0, metavar="W",
+                   help="--tok-augment renderings also get a frequency shift in [1/(1+W), 1+W] (as data prepare --warp)")
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
@@ -62,11 +66,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer_train_audio(args) -> int:
-    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech import augmented, load_corpus, split_clips
     from steplab.data.speech_tokenizer import SpeechTokenizerConfig, reconstruction_error, train_speech_tokenizer
     from steplab.models.audio import CodecConfig
 
     train, test = split_clips(load_corpus(args.source), args.holdout_speaker)
+    train = train + augmented(train, args.tok_augment, warp=args.tok_warp)
     cfg = SpeechTokenizerConfig(semantic_codes=args.semantic_codes, semantic_features=args.semantic_features, steps=args.steps,
                                 codec=CodecConfig(n_q=args.codebooks, codebook_size=args.codebook_size, dim=args.codec_dim,
                                                   latent=args.codec_latent, recon_loss=args.codec_loss))

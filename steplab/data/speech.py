@@ -298,6 +298,16 @@ def perturb(clip: Clip, rng: np.random.Generator, speed: tuple[float, float] = (
     return Clip(wav, clip.text, clip.speaker, clip.index, f"{clip.name}{tag}~x{factor:.4f}+{shift}")
 
 
+def augmented(clips: list[Clip], n: int, *, warp: float = 0.0, seed: int = 1) -> list[Clip]:
+    """``n`` seeded :func:`perturb` renderings of every clip (clip by clip), as ``data prepare --augment`` makes them."""
+    if n < 0:
+        raise DataError(f"augment must be >= 0 (extra renderings per clip), got {n}")
+    if warp > 0 and n == 0:
+        raise DataError("warp needs augment > 0: it perturbs the augmented renderings")
+    rng = np.random.default_rng(seed)
+    return [perturb(c, rng, warp=warp) for c in clips for _ in range(n)]
+
+
 def dev_split(train: list[Clip]) -> tuple[list[Clip], list[Clip]]:
     """Carve a selection set out of the training recordings (never the test split): FSDD repetitions 5-9 of
     each speaker and digit, espeak-ng take 3 of each voice and word. Returns (rest of train, dev)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from steplab.data.shards import ShardWriter, dtype_for_vocab
-from steplab.data.speech import Clip, perturb
+from steplab.data.speech import Clip, augmented
 from steplab.data.speech_tokenizer import SpeechTokenizer
 from steplab.data.tokenizer import Tokenizer, train_tokenizer
 from steplab.errors import DataError
@@ -165,8 +165,7 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
                 asr, tts = vocab.speech_documents(c)
                 docs += [asr] if tts_real_only and is_synthetic(c) else [asr, tts]
             if split == "train" and augment > 0:
-                aug_rng = np.random.default_rng(seed + 1)
-                docs += [vocab.asr_document(perturb(c, aug_rng, warp=warp)) for c in clips for _ in range(augment)]
+                docs += [vocab.asr_document(c) for c in augmented(clips, augment, warp=warp, seed=seed + 1)]
             writer = ShardWriter(tmp / split, dtype=dtype_for_vocab(vocab.text.vocab_size))
             for k in range(packings if split == "train" else 1):
                 order = rng.permutation(len(docs)) if split == "train" else np.arange(len(docs))
