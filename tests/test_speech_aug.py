@@ -151,3 +151,78 @@ def test_tts_real_only_drops_only_the_synthetic_voices_tts_documents(tmp_path):
     synthetic = [c for c in clips if c.speaker.startswith("espeak:")]
     with pytest.raises(DataError, match="leaves no TTS documents"):
         prepare_speech_data(synthetic[:2], synthetic[2:], tmp_path / "tok", tmp_path / "e", tts_real_only=True)
+
+
+def _peak_hz(wav: np.ndarray) -> float:
+    w = wav[400:-400]
+    spec = np.abs(np.fft.rfft(w * np.hanning(w.size)))
+    return float(np.fft.rfftfreq(w.size, 1 / SAMPLE_RATE)[spec.argmax()])
+
+
+def test_frequency_shift_moves_pitch_and_keeps_duration():
+    from steplab.data.speech import frequency_shift, time_stretch
+
+    t = np.arange(4000) / SAMPLE_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)
+    for factor in (0.8, 0.9, 1.2):
+        out = frequency_shift(tone, factor)
+        assert out.size == tone.size  # duration kept
+        assert abs(_peak_hz(out) - 500 * factor) <= 4  # 500 Hz -> 400 / 450 / 600 Hz
+        assert 0.45 < np.abs(out).max() < 0.55  # level kept
+    slow = time_stretch(tone, 0.8)
+    assert slow.size == 5000 and abs(_peak_hz(slow) - 500) <= 4  # the stretch alone: longer, same pitch
+    assert np.allclose(frequency_shift(tone, 1.0), time_stretch(tone, 1.0), atol=1e-6)
+    with pytest.raises(DataError, match="rate must be > 0"):
+        time_stretch(tone, 0.0)
+
+
+def test_perturb_warp_is_seeded_and_warp_zero_keeps_old_renderings():
+    clip = Clip(_chirp(), "seven", "spk", 7, "7_spk_7")
+    old = perturb(clip, np.random.default_rng(3))
+    assert np.array_equal(perturb(clip, np.random.default_rng(3), warp=0.0).wav, old.wav)  # no extra draw at 0
+    a, b = perturb(clip, np.random.default_rng(3), warp=0.2), perturb(clip, np.random.default_rng(3), warp=0.2)
+    assert np.array_equal(a.wav, b.wav) and a.name == b.name
+    f = float(a.name.split("~f")[1].split("~x")[0])
+    assert 1 / 1.2 <= f <= 1.2 and abs(f - 1) > 1e-3
+    factor, shift = a.name.split("~x")[1].split("+")
+    assert abs((a.wav.size - int(shift)) - clip.wav.size / float(factor)) <= 2  # the warp kept the duration
+    # frequencies move by f: a tone rendered with no speed change and no shift
+    t = np.arange(4000) / SAMPLE_RATE
+    tone = Clip((0.5 * np.sin(2 * np.pi * 500 * t)).astype(np.float32), "one", "s", 0)
+    w = perturb(tone, np.random.default_rng(5), speed=(1.0, 1.0), max_shift=0, warp=0.2)
+    f = float(w.name.split("~f")[1].split("~x")[0])
+    assert abs(_peak_hz(w.wav) - 500 * (round(80 * f) / 80)) <= 4  # the 100 Hz step of the resampling rate
+    with pytest.raises(DataError, match="warp must be >= 0"):
+        perturb(clip, np.random.default_rng(0), warp=-0.1)
+
+
+def test_prepare_warp_needs_augment_and_changes_only_the_augmented_documents(tmp_path):
+    from steplab.data.speech_lm import load_meta, prepare_speech_data
+    from steplab.data.speech_tokenizer import SpeechTokenizerConfig, train_speech_tokenizer
+    from steplab.models.audio import CodecConfig
+
+    torch.manual_seed(0)
+    clips = [Clip(_chirp(0.3 + 0.04 * i, seed=i), w, "s", i) for i, w in enumerate(["one", "two"] * 4)]
+    cfg = SpeechTokenizerConfig(semantic_codes=8, steps=2, batch_size=2, codec=CodecConfig(dim=8, latent=4, n_q=1, codebook_size=4))
+    train_speech_tokenizer(clips, cfg).save(tmp_path / "tok")
+    kw = dict(seq_len=128, packings=1, augment=2)
+    plain = prepare_speech_data(clips[:6], clips[6:], tmp_path / "tok", tmp_path / "d0", **kw)
+    warped = prepare_speech_data(clips[:6], clips[6:], tmp_path / "tok", tmp_path / "d1", warp=0.2, **kw)
+    assert warped["train"]["documents"] == plain["train"]["documents"] == 24 and warped["val"] == plain["val"]
+    assert load_meta(tmp_path / "d1")["warp"] == 0.2 and "warp" not in load_meta(tmp_path / "d0")
+    read = lambda d, split: b"".join(p.read_bytes() for p in sorted((tmp_path / d / split).glob("*")))  # noqa: E731
+    assert read("d0", "val") == read("d1", "val") and read("d0", "train") != read("d1", "train")
+    with pytest.raises(DataError, match="needs augment > 0"):
+        prepare_speech_data(clips[:6], clips[6:], tmp_path / "tok", tmp_path / "d2", warp=0.2, seq_len=128)
+
+
+def test_augmented_renders_every_clip_n_times_seeded():
+    from steplab.data.speech import augmented
+
+    clips = [Clip(_chirp(0.3, seed=i), "one", "s", i, f"c{i}") for i in range(3)]
+    a, b = augmented(clips, 2, warp=0.1), augmented(clips, 2, warp=0.1)
+    assert [c.name.split("~")[0] for c in a] == ["c0", "c0", "c1", "c1", "c2", "c2"]
+    assert all(np.array_equal(x.wav, y.wav) for x, y in zip(a, b)) and "~f" in a[0].name
+    assert augmented(clips, 0) == []
+    with pytest.raises(DataError, match="warp needs augment > 0"):
+        augmented(clips, 0, warp=0.1)

@@ -20,6 +20,10 @@ def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec-dim", type=int, default=128, help="acoustic autoencoder conv channels")
     g.add_argument("--codec-latent", type=int, default=32, help="acoustic autoencoder quantised vector size")
     g.add_argument("--holdout-speaker", help="leave this speaker out (its clips are the test set)")
+    g.add_argument("--tok-augment", type=int, default=0, metavar="N",
+                   help="also fit both streams on N perturbed renderings of every training clip (default 0: off)")
+    g.add_argument("--tok-warp", type=float, default=0.0, metavar="W",
+                   help="--tok-augment renderings also get a frequency shift in [1/(1+W), 1+W] (as data prepare --warp)")
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +34,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", type=int, default=8,
                    help="speech: extra speed-perturbed, time-shifted ASR renderings per training clip (default 8, "
                         "the measured recipe; 0: off)")
+    g.add_argument("--warp", type=float, default=0.0,
+                   help="speech: also shift the augmented renderings' frequencies (pitch and formants, duration kept) "
+                        "by a factor in [1/(1+W), 1+W] (default 0: off)")
     g.add_argument("--tts-real-only", action="store_true",
                    help="speech: TTS documents only from recorded speech, none from espeak-ng voices (ASR keeps all)")
     g.add_argument("--speech-dev", action="store_true",
@@ -59,11 +66,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer_train_audio(args) -> int:
-    from steplab.data.speech import load_corpus, split_clips
+    from steplab.data.speech import augmented, load_corpus, split_clips
     from steplab.data.speech_tokenizer import SpeechTokenizerConfig, reconstruction_error, train_speech_tokenizer
     from steplab.models.audio import CodecConfig
 
     train, test = split_clips(load_corpus(args.source), args.holdout_speaker)
+    train = train + augmented(train, args.tok_augment, warp=args.tok_warp)
     cfg = SpeechTokenizerConfig(semantic_codes=args.semantic_codes, semantic_features=args.semantic_features, steps=args.steps,
                                 codec=CodecConfig(n_q=args.codebooks, codebook_size=args.codebook_size, dim=args.codec_dim,
                                                   latent=args.codec_latent, recon_loss=args.codec_loss))
@@ -85,7 +93,8 @@ def cmd_prepare_speech(args) -> int:
         train, val = dev_split(train)
     meta = prepare_speech_data(train, val, args.speech_tokenizer, args.out, text_tokenizer=args.tokenizer,
                                seq_len=args.seq_len, seed=args.seed, source=args.source, force=args.force,
-                               augment=args.augment, tts_real_only=args.tts_real_only)
+                               augment=args.augment, tts_real_only=args.tts_real_only,
+                               warp=args.warp)
     for split in ("train", "val"):
         s = meta[split]
         print(f"{split}: {s['clips']:,} clips, {s['documents']:,} documents, {s['tokens']:,} tokens")

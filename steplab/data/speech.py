@@ -240,17 +240,72 @@ def deinterleave(ids: np.ndarray, n_q: int) -> tuple[np.ndarray, np.ndarray]:
     return groups[:, :2].reshape(-1), groups[:, 2:].reshape(3 * g, n_q)
 
 
+def time_stretch(wav: np.ndarray, rate: float, n_fft: int = N_FFT, hop: int = N_FFT // 4) -> np.ndarray:
+    """Phase-vocoder time stretch (Flanagan & Golden 1966; librosa's algorithm): ``rate`` > 1 is faster, the length
+    becomes ~len / rate and the frequencies stay. Magnitudes are interpolated between STFT frames and each bin's
+    phase advances by its measured instantaneous frequency."""
+    if rate <= 0:
+        raise DataError(f"time_stretch rate must be > 0, got {rate}")
+    x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, return_complex=True).numpy()  # (bins, frames)
+    frames = spec.shape[1]
+    spec = np.concatenate([spec, np.zeros((spec.shape[0], 1), spec.dtype)], axis=1)
+    steps = np.arange(0, frames, rate)
+    idx = steps.astype(np.int64)
+    frac = (steps - idx)[None, :]
+    c0, c1 = spec[:, idx], spec[:, idx + 1]
+    mag = (1 - frac) * np.abs(c0) + frac * np.abs(c1)
+    advance = np.linspace(0, np.pi * hop, spec.shape[0])[:, None]  # expected phase advance per hop, per bin
+    dphase = np.angle(c1) - np.angle(c0) - advance
+    dphase -= 2 * np.pi * np.round(dphase / (2 * np.pi))
+    inc = advance + dphase
+    phase = np.angle(spec[:, :1]) + np.concatenate([np.zeros((spec.shape[0], 1)), np.cumsum(inc[:, :-1], axis=1)], axis=1)
+    out = torch.as_tensor(mag * np.exp(1j * phase)).to(torch.complex64)
+    length = max(1, int(round(len(wav) / rate)))
+    return torch.istft(out, n_fft, hop, window=window, center=True, length=length).numpy().astype(np.float32)
+
+
+def frequency_shift(wav: np.ndarray, factor: float) -> np.ndarray:
+    """Every frequency (pitch and formants: a shorter or longer vocal tract) times ``factor``, the duration kept:
+    a phase-vocoder stretch by ``factor`` then resampling back by it (100 Hz steps, as :func:`perturb`)."""
+    sr_in = int(round(SAMPLE_RATE * factor / 100)) * 100
+    if sr_in <= 0:
+        raise DataError(f"frequency_shift factor must be > 0, got {factor}")
+    return resample(time_stretch(wav, SAMPLE_RATE / sr_in), sr_in)
+
+
 def perturb(clip: Clip, rng: np.random.Generator, speed: tuple[float, float] = (0.9, 1.1),
-            max_shift: int = GROUP_FRAMES * HOP) -> Clip:
+            max_shift: int = GROUP_FRAMES * HOP, warp: float = 0.0) -> Clip:
     """One augmented rendering of a training clip, as ASR recipes do: speed perturbation (resampling: tempo and
     pitch change together, Ko et al. 2015) by a factor drawn from ``speed``, then 0..``max_shift`` samples of
-    leading silence, which moves the clip against the 60 ms / 40 ms token grids so the same word gets new codes."""
+    leading silence, which moves the clip against the 60 ms / 40 ms token grids so the same word gets new codes.
+
+    ``warp`` > 0: first shift every frequency by a factor drawn log-uniformly from [1/(1+warp), 1+warp] with the
+    duration kept (:func:`frequency_shift`): a new vocal-tract length and pitch independent of the tempo, the
+    speaker variation that leave-one-speaker-out tests. ``warp`` = 0 draws nothing extra (old renderings exactly)."""
+    if warp < 0:
+        raise DataError(f"warp must be >= 0 (relative frequency-shift range), got {warp}")
+    wav, tag = clip.wav, ""
+    if warp > 0:
+        f = float(np.exp(rng.uniform(-np.log1p(warp), np.log1p(warp))))
+        wav, tag = frequency_shift(wav, f), f"~f{f:.4f}"
     sr_in = int(round(SAMPLE_RATE * float(rng.uniform(*speed)) / 100)) * 100  # 100 Hz steps keep the filter short
     factor = sr_in / SAMPLE_RATE
-    wav = resample(clip.wav, sr_in)  # read as if recorded at sr_in, written at 8 kHz: factor x faster
+    wav = resample(wav, sr_in)  # read as if recorded at sr_in, written at 8 kHz: factor x faster
     shift = int(rng.integers(0, max_shift + 1))
     wav = np.concatenate([np.zeros(shift, dtype=np.float32), wav])
-    return Clip(wav, clip.text, clip.speaker, clip.index, f"{clip.name}~x{factor:.4f}+{shift}")
+    return Clip(wav, clip.text, clip.speaker, clip.index, f"{clip.name}{tag}~x{factor:.4f}+{shift}")
+
+
+def augmented(clips: list[Clip], n: int, *, warp: float = 0.0, seed: int = 1) -> list[Clip]:
+    """``n`` seeded :func:`perturb` renderings of every clip (clip by clip), as ``data prepare --augment`` makes them."""
+    if n < 0:
+        raise DataError(f"augment must be >= 0 (extra renderings per clip), got {n}")
+    if warp > 0 and n == 0:
+        raise DataError("warp needs augment > 0: it perturbs the augmented renderings")
+    rng = np.random.default_rng(seed)
+    return [perturb(c, rng, warp=warp) for c in clips for _ in range(n)]
 
 
 def dev_split(train: list[Clip]) -> tuple[list[Clip], list[Clip]]:

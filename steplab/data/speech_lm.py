@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from steplab.data.shards import ShardWriter, dtype_for_vocab
-from steplab.data.speech import Clip, perturb
+from steplab.data.speech import Clip, augmented
 from steplab.data.speech_tokenizer import SpeechTokenizer
 from steplab.data.tokenizer import Tokenizer, train_tokenizer
 from steplab.errors import DataError
@@ -125,15 +125,21 @@ def pack(docs: list[list[int]], seq_len: int, pad_id: int) -> np.ndarray:
 
 def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Path, out_dir: str | Path, *,
                         text_tokenizer: str | None = None, seq_len: int = 256, packings: int = 4, seed: int = 0,
-                        source: str = "", force: bool = False, augment: int = 0, tts_real_only: bool = False) -> dict:
+                        source: str = "", force: bool = False, augment: int = 0, tts_real_only: bool = False,
+                        warp: float = 0.0) -> dict:
     """Write a prepared dataset (tokenizer/ with the audio block and speech/, train/, val/, meta.json).
 
     ``augment``: extra ASR documents per training clip, each from a speed-perturbed, time-shifted rendering
     (``data/speech.perturb``); TTS documents keep the real recordings, so the model learns to speak like them.
     ``tts_real_only``: TTS documents only from recorded speech, none from espeak-ng's synthetic voices (the ASR
-    documents keep every source): the LM otherwise drifts to the synthetic voice, the easiest one to model."""
+    documents keep every source): the LM otherwise drifts to the synthetic voice, the easiest one to model.
+    ``warp``: the augmented renderings also get a tempo-independent frequency shift of up to +-``warp`` (relative;
+    ``perturb``), new vocal-tract lengths for unseen speakers; 0 keeps the renderings exactly as before."""
     if augment < 0:
         raise DataError(f"augment must be >= 0 (extra renderings per training clip), got {augment}")
+    if warp < 0 or (warp > 0 and augment == 0):
+        raise DataError(f"warp must be >= 0 and needs augment > 0 (it perturbs the augmented renderings), "
+                        f"got warp={warp}, augment={augment}")
     if not train or not val:
         raise DataError(f"speech data needs train and val clips, got {len(train)} and {len(val)}")
     if tts_real_only and all(is_synthetic(c) for c in train):
@@ -145,7 +151,7 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
     rng = np.random.default_rng(seed)
     meta = {"source": source, "kind": "speech", "seq_len": seq_len, "vocab_size": vocab.text.vocab_size,
             "audio_base": vocab.base, "bitrate": vocab.speech.bitrate(), "augment": augment,
-            "tts_real_only": tts_real_only}
+            "tts_real_only": tts_real_only, **({"warp": warp} if warp else {})}
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -159,8 +165,7 @@ def prepare_speech_data(train: list[Clip], val: list[Clip], speech_dir: str | Pa
                 asr, tts = vocab.speech_documents(c)
                 docs += [asr] if tts_real_only and is_synthetic(c) else [asr, tts]
             if split == "train" and augment > 0:
-                aug_rng = np.random.default_rng(seed + 1)
-                docs += [vocab.asr_document(perturb(c, aug_rng)) for c in clips for _ in range(augment)]
+                docs += [vocab.asr_document(c) for c in augmented(clips, augment, warp=warp, seed=seed + 1)]
             writer = ShardWriter(tmp / split, dtype=dtype_for_vocab(vocab.text.vocab_size))
             for k in range(packings if split == "train" else 1):
                 order = rng.permutation(len(docs)) if split == "train" else np.arange(len(docs))
