@@ -3,7 +3,7 @@
     python bench/dtype_step.py [--sizes 33k 221k 0.9m step1-mini] [--threads 1] [--rounds 3] [--steps 2]
 
 ``train.dtype=auto`` (steplab/train/precision.py) trains in bf16 only where the CPU multiplies bf16 natively (AMX or
-AVX512-BF16). This prints what the CPU has, the bf16 and fp32 matmul rates (2048^2) and, per size, the eager
+AVX512-BF16). This prints what the CPU has, the bf16 and fp32 matmul rates (1024^2) and, per size, the eager
 trainer step (forward + backward + clipping + fused AdamW) in both dtypes, rounds interleaved, best round each and
 the median ratio. The quickstart's sizes use its shapes (2 layers, 2 heads, vocab 1024, batch 9 x 256);
 step1-mini its preset at batch 4 x 256, vocab 8192.
@@ -25,7 +25,7 @@ from steplab.config import ModelConfig  # noqa: E402
 from steplab.models.dense import Step1, count_params  # noqa: E402
 from steplab.presets import PRESETS  # noqa: E402
 from steplab.train.metrics import measure_matmul_flops  # noqa: E402
-from steplab.train.precision import native_bf16  # noqa: E402
+from steplab.train.precision import cpu_bf16_features, native_bf16  # noqa: E402
 
 SIZES = {"33k": dict(d_model=32, n_layer=2, n_head=2, vocab_size=1024),
          "221k": dict(d_model=96, n_layer=2, n_head=2, vocab_size=1024),
@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    amx, avx512 = (getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, AMX {amx}, AVX512-BF16 {avx512}; "
+    features = ", ".join(f"{name} {has}" for name, has in cpu_bf16_features().items())
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {features}; "
           f"native bf16: {native_bf16('cpu')} -> train.dtype=auto picks {'bf16' if native_bf16('cpu') else 'fp32'}")
     bf, fp = measure_matmul_flops("cpu", torch.bfloat16, n=1024, repeats=3), measure_matmul_flops("cpu", torch.float32, n=1024, repeats=3)
     print(f"matmul 1024^2, {args.threads} thread(s): bf16 {bf / 1e9:,.1f} GFLOP/s, fp32 {fp / 1e9:,.1f} GFLOP/s ({fp / bf:.1f}x)\n")

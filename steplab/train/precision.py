@@ -17,13 +17,18 @@ from pathlib import Path
 import torch
 
 
+def cpu_bf16_features() -> dict[str, bool]:
+    """The CPU's native bf16 matmul paths, from torch's own probes (absent in an older torch: False)."""
+    return {name: bool(getattr(torch.cpu, f"_is_{probe}_supported", lambda: False)())
+            for name, probe in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))}
+
+
 def native_bf16(device_type: str) -> bool:
     """True where bf16 matmuls run natively on ``device_type`` (cuda / cpu)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(cpu_bf16_features().values())
     return False
 
 
